@@ -1,0 +1,311 @@
+"""Etude LLM configuration: the model shape (EtudeConfig), the run settings (TrainConfig),
+size presets and every default path.
+
+This module imports nothing heavy (no torch) so that any script, test or tool can read a config
+without paying for it. Precedence when a stage resolves its settings:
+
+    stage defaults  <  preset  <  command-line flags
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+
+WEIGHT_DIR = ROOT / "weight"
+TOKENIZER_DIR = WEIGHT_DIR / "tokenizer"
+PRETRAINED_DIR = WEIGHT_DIR / "etude_pretrained_model"
+SFT_DIR = WEIGHT_DIR / "etude_sft_model"
+LORA_DIR = WEIGHT_DIR / "lora"
+HF_DIR = WEIGHT_DIR / "etude_hf_model"
+
+DATA_DIR = ROOT / "training_data"
+PRETRAIN_DATA = DATA_DIR / "pretrain.jsonl"
+PRETRAIN_VAL_DATA = DATA_DIR / "pretrain.val.jsonl"
+SFT_DATA = DATA_DIR / "sft.jsonl"
+SFT_VAL_DATA = DATA_DIR / "sft.val.jsonl"
+
+# Special tokens, in id order: they are the first ids of every tokenizer trained here.
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+
+MODEL_TYPE = "etude"
+CHECKPOINT_SUBDIR = "checkpoint"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message lists every problem found."""
+
+
+def _reject_unknown(cls: type, data: dict[str, Any], what: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{what}: unknown key(s) {unknown}. Known keys: {sorted(known)}. "
+            "Remove or rename them (was the file written by another program or version?)."
+        )
+
+
+@dataclass
+class EtudeConfig:
+    """Shape of an Etude decoder. Saved as config.json beside the weights; the model is rebuilt
+    from it alone."""
+
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    # SwiGLU width; None means 8/3 * hidden_size rounded up to a multiple of `multiple_of`.
+    intermediate_size: int | None = None
+    multiple_of: int = 64
+    max_seq_len: int = 512
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    initializer_range: float = 0.02
+    # Mixture of experts (reserved: the router and experts arrive with the MoE issue).
+    use_moe: bool = False
+    n_experts: int = 4
+    top_k: int = 2
+    n_shared_experts: int = 0
+    aux_loss_coef: float = 0.01
+    norm_topk_prob: bool = True
+
+    def __post_init__(self) -> None:
+        if self.intermediate_size is None and isinstance(self.multiple_of, int) and self.multiple_of > 0 \
+                and isinstance(self.hidden_size, int):
+            raw = int(8 * self.hidden_size / 3)
+            self.intermediate_size = self.multiple_of * math.ceil(raw / self.multiple_of)
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid EtudeConfig:\n  - " + "\n  - ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every reason this config cannot build a model (empty when it can)."""
+        out = []
+        positive_ints = ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads",
+                         "intermediate_size", "multiple_of", "max_seq_len", "n_experts", "top_k")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                out.append(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.n_shared_experts, bool) or not isinstance(self.n_shared_experts, int) \
+                or self.n_shared_experts < 0:
+            out.append(f"n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}")
+        if not out:
+            if self.hidden_size % self.n_heads:
+                out.append(f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})")
+            elif (self.hidden_size // self.n_heads) % 2:
+                out.append(f"head size hidden_size/n_heads = {self.hidden_size // self.n_heads} must be even for RoPE")
+            if self.n_heads % self.n_kv_heads:
+                out.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            if self.use_moe and self.top_k > self.n_experts:
+                out.append(f"top_k ({self.top_k}) cannot exceed n_experts ({self.n_experts})")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            out.append(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
+            out.append(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            out.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0):
+            out.append(f"initializer_range must be > 0, got {self.initializer_range!r}")
+        if not (isinstance(self.aux_loss_coef, (int, float)) and self.aux_loss_coef >= 0):
+            out.append(f"aux_loss_coef must be >= 0, got {self.aux_loss_coef!r}")
+        for name in ("tie_embeddings", "use_moe", "norm_topk_prob"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+        return out
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EtudeConfig":
+        """Build from a dict (e.g. a model folder's config.json); unknown keys are an error."""
+        data = dict(data)
+        model_type = data.pop("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ConfigError(
+                f"config has model_type {model_type!r}, expected {MODEL_TYPE!r}; "
+                "a Hugging Face folder must be imported first (tool/convert_hf.py)."
+            )
+        _reject_unknown(cls, data, "EtudeConfig")
+        return cls(**data)
+
+
+# Run settings. Values that are None are derived at start (e.g. eval batch size).
+@dataclass
+class TrainConfig:
+    """Everything about a training run that is not the model's shape."""
+
+    stage: str = "pretrain"
+    data: str = str(PRETRAIN_DATA)
+    val_data: str | None = str(PRETRAIN_VAL_DATA)
+    out_dir: str = str(PRETRAINED_DIR)
+    init_from: str | None = None
+    tokenizer_dir: str = str(TOKENIZER_DIR)
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    epochs: int = 3
+    max_steps: int | None = None
+    seq_len: int = 512
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    resume: bool = True
+    eval_every: int = 200
+    eval_batches: int = 20
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 42
+    skip_bad_lines: bool = False
+    sample_prompt: str = "The "
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid training settings:\n  - " + "\n  - ".join(problems))
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("batch_size", "grad_accum", "epochs", "seq_len", "eval_every", "eval_batches",
+                     "save_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                out.append(f"{name} must be a positive integer, got {value!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
+            out.append(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            out.append(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            out.append(f"lr must be > 0, got {self.lr!r}")
+        if not (0 <= self.min_lr_ratio <= 1):
+            out.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.weight_decay < 0:
+            out.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            out.append(f"beta1 and beta2 must be in [0, 1), got {self.beta1!r}, {self.beta2!r}")
+        if self.grad_clip < 0:
+            out.append(f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip!r}")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not str(self.device).startswith("cuda:"):
+            out.append(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            out.append(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        _reject_unknown(cls, data, "TrainConfig")
+        return cls(**data)
+
+
+# Stage defaults: those of the original project (pretrain batch 16, lr 3e-4, 3 epochs;
+# SFT batch 8, lr 3e-5, 3 epochs).
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": dict(stage="pretrain", data=str(PRETRAIN_DATA), val_data=str(PRETRAIN_VAL_DATA),
+                     out_dir=str(PRETRAINED_DIR), init_from=None, batch_size=16, lr=3e-4, epochs=3,
+                     sample_prompt="The "),
+    "sft": dict(stage="sft", data=str(SFT_DATA), val_data=str(SFT_VAL_DATA), out_dir=str(SFT_DIR),
+                init_from=str(PRETRAINED_DIR), batch_size=8, lr=3e-5, epochs=3, warmup_steps=20,
+                sample_prompt="Hello! Who are you?"),
+    "lora": dict(stage="lora", data=str(DATA_DIR / "lora_identity.jsonl"), val_data=None,
+                 out_dir=str(LORA_DIR / "identity"), init_from=str(SFT_DIR), batch_size=8, lr=1e-3,
+                 epochs=3, warmup_steps=10, weight_decay=0.0, sample_prompt="Who are you?"),
+}
+
+# A preset names a model shape and the run settings that suit it, per stage.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains meaningfully in minutes on a 2-core CPU.
+    "tiny": {
+        "model": dict(vocab_size=6400, hidden_size=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                      max_seq_len=256),
+        "pretrain": dict(seq_len=256, batch_size=16, lr=1e-3, epochs=1, warmup_steps=30,
+                         eval_every=100, eval_batches=8, save_every=100, log_every=5),
+        "sft": dict(seq_len=256, batch_size=8, lr=3e-4, epochs=2, warmup_steps=10,
+                    eval_every=100, eval_batches=8, save_every=100, log_every=5),
+        "lora": dict(seq_len=256, eval_every=50, eval_batches=4, save_every=50, log_every=5),
+    },
+    # ~26M parameters: the size minimind users know.
+    "small": {
+        "model": dict(vocab_size=6400, hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=2,
+                      max_seq_len=512),
+        "pretrain": dict(seq_len=512),
+        "sft": dict(seq_len=512),
+        "lora": dict(seq_len=512),
+    },
+    # ~105M parameters, for one GPU.
+    "base": {
+        "model": dict(vocab_size=6400, hidden_size=768, n_layers=16, n_heads=12, n_kv_heads=4,
+                      max_seq_len=1024),
+        "pretrain": dict(seq_len=1024, batch_size=32, lr=6e-4, eval_every=500, save_every=1000),
+        "sft": dict(seq_len=1024, batch_size=16),
+        "lora": dict(seq_len=1024),
+    },
+}
+
+
+def preset_model_config(preset: str, **overrides: Any) -> EtudeConfig:
+    """The EtudeConfig of a named preset, with keyword overrides."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return EtudeConfig(**{**PRESETS[preset]["model"], **overrides})
+
+
+def resolve_train_config(stage: str, preset: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Stage defaults, then the preset's settings for that stage, then explicit overrides
+    (flags that the user gave; None values mean 'not given' and are ignored)."""
+    if stage not in STAGE_DEFAULTS:
+        raise ConfigError(f"unknown stage {stage!r}; choose one of {sorted(STAGE_DEFAULTS)}")
+    settings = dict(STAGE_DEFAULTS[stage])
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        settings.update(PRESETS[preset].get(stage, {}))
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**settings)
+
+
+def read_json(path: Path | str, what: str) -> Any:
+    """Read a JSON file, naming the file and the fault when it is missing or malformed."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {path} is not UTF-8 text ({exc.reason}); the file is corrupted") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg}); "
+                         "the file is corrupted or truncated") from None
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
