@@ -103,15 +103,16 @@ class EtudeConfig:
         if isinstance(self.n_shared_experts, bool) or not isinstance(self.n_shared_experts, int) \
                 or self.n_shared_experts < 0:
             out.append(f"n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}")
-        if not out:
+        bad = {line.split()[0] for line in out}
+        if not bad & {"hidden_size", "n_heads"}:
             if self.hidden_size % self.n_heads:
                 out.append(f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})")
             elif (self.hidden_size // self.n_heads) % 2:
                 out.append(f"head size hidden_size/n_heads = {self.hidden_size // self.n_heads} must be even for RoPE")
-            if self.n_heads % self.n_kv_heads:
-                out.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-            if self.use_moe and self.top_k > self.n_experts:
-                out.append(f"top_k ({self.top_k}) cannot exceed n_experts ({self.n_experts})")
+        if not bad & {"n_heads", "n_kv_heads"} and self.n_heads % self.n_kv_heads:
+            out.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.use_moe and not bad & {"top_k", "n_experts"} and self.top_k > self.n_experts:
+            out.append(f"top_k ({self.top_k}) cannot exceed n_experts ({self.n_experts})")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             out.append(f"rope_theta must be > 0, got {self.rope_theta!r}")
         if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):

@@ -1,0 +1,358 @@
+"""The Etude decoder: a Llama-shaped transformer in one file.
+
+Pre-norm RMSNorm, rotary position embeddings in the Hugging Face `rotate_half` convention,
+multi-head / grouped-query attention through `scaled_dot_product_attention`, a SwiGLU
+feed-forward, no biases, optionally tied input/output embeddings. Parameter names are those of
+Hugging Face Llama (without its `model.` prefix), so exporting is a renaming at most.
+
+    model = EtudeModel(EtudeConfig(...))
+    logits, loss, aux_loss = model(input_ids, labels=labels)
+    for token_id in model.generate(prompt_ids, max_new_tokens=64): ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import EtudeConfig
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale (no bias, no mean subtraction)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and scale in the input dtype, as Llama does: under bf16 autocast the
+        # statistics keep full precision while the activations stay narrow.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight.to(x.dtype) * normed
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary embeddings, Hugging Face layout: the frequencies are repeated
+    as [f0..f(d/2-1), f0..f(d/2-1)] and paired with `rotate_half`."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.max_seq_len = max_seq_len
+        self._build(max_seq_len)
+
+    def _build(self, length: int) -> None:
+        positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
+        angles = torch.outer(positions, self.inv_freq)
+        emb = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("cos_table", emb.cos(), persistent=False)
+        self.register_buffer("sin_table", emb.sin(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for the given positions: (T,) -> (1, 1, T, d) or (B, T) -> (B, 1, T, d)."""
+        needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
+        if needed > self.cos_table.shape[0]:
+            self._build(max(needed, 2 * self.cos_table.shape[0]))
+        cos, sin = self.cos_table[position_ids], self.sin_table[position_ids]
+        if position_ids.dim() == 1:
+            return cos[None, None], sin[None, None]
+        return cos[:, None], sin[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated key/value buffers for every layer; `length` is how many positions are
+    filled. Appending writes in place, so decoding allocates nothing per token."""
+
+    def __init__(self, config: EtudeConfig, batch_size: int, max_len: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v of the new positions for `layer`; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: EtudeConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_idx: int,
+                kv_cache: KVCache | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.append(layer_idx, k, v)
+        # A causal mask is only right when queries and keys start at the same position; with
+        # earlier positions cached the caller passes an explicit mask (or none for one query).
+        is_causal = attn_mask is None and k.shape[2] == length and length > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: EtudeConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = FeedForward(config.hidden_size, config.intermediate_size)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, self.layer_idx, kv_cache, attn_mask))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class EtudeModel(nn.Module):
+    """Decoder-only language model. forward(input_ids, labels=None, kv_cache=None)
+    returns (logits, loss, aux_loss); loss is None without labels, aux_loss is a zero
+    scalar for dense models."""
+
+    def __init__(self, config: EtudeConfig):
+        super().__init__()
+        if config.use_moe:
+            raise NotImplementedError(
+                "use_moe=True: the mixture-of-experts layers are not implemented yet; "
+                "set use_moe to false in the config")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for every matrix; the projections that write into the
+        residual stream (o_proj, down_proj) are scaled by 1/sqrt(2 * n_layers) so the stream's
+        variance does not grow with depth (GPT-2's rule)."""
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith("o_proj") or name.endswith("down_proj")
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, last_only: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """input_ids (B, T) -> logits (B, T, V) (or (B, 1, V) with last_only).
+
+        labels (B, T) are the targets of each position (already shifted; IGNORE_INDEX = -100 is
+        not trained). With a kv_cache the new tokens continue the cached positions."""
+        batch, length = input_ids.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + length > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + length} tokens exceeds max_seq_len "
+                             f"{self.config.max_seq_len}; truncate the input")
+        positions = torch.arange(start, start + length, device=input_ids.device)
+        cos, sin = self.rotary(positions)
+        attn_mask = None
+        if kv_cache is not None and start > 0 and length > 1:
+            # New queries see every cached key and the new keys up to their own position.
+            key_pos = torch.arange(start + length, device=input_ids.device)
+            attn_mask = key_pos[None, :] <= positions[:, None]
+        x = self.dropout(self.embed_tokens(input_ids))
+        for block in self.layers:
+            x = block(x, cos, sin, kv_cache, attn_mask)
+        if kv_cache is not None:
+            kv_cache.length += length
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        aux_loss = logits.new_zeros((), dtype=torch.float32)
+        return logits, loss, aux_loss
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied output layer counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 per matmul weight, the output layer
+        included, plus attention's score and value products (PaLM appendix B)."""
+        matmul_params = self.num_parameters(exclude_embeddings=True)
+        if self.config.tie_embeddings:
+            matmul_params += self.lm_head.weight.numel()
+        cfg = self.config
+        attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+        return 6 * matmul_params + attention
+
+    def estimate_mfu(self, tokens_per_second: float, seq_len: int, peak_flops: float) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak."""
+        return tokens_per_second * self.flops_per_token(seq_len) / peak_flops
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: matrices of the blocks (and an untied output layer) decay;
+        norms and the embedding table do not."""
+        embedding = self.embed_tokens.weight
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if not param.requires_grad:
+                continue
+            (decay if param.dim() >= 2 and param is not embedding else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def state_dict_for_save(self) -> dict[str, torch.Tensor]:
+        """The weights as saved on disk: contiguous, one copy of a tied matrix (under its
+        embedding name, as Hugging Face does)."""
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        return state
+
+    def load_saved_state(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load weights saved by state_dict_for_save, strictly: a missing or unexpected key, or a
+        shape that differs, stops with a message naming them."""
+        expected = {k: v.shape for k, v in self.state_dict_for_save().items()}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong_shape = sorted(f"{k}: saved {tuple(state[k].shape)}, model {tuple(expected[k])}"
+                             for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+        if missing or unexpected or wrong_shape:
+            def show(items):
+                return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
+            parts = []
+            if missing:
+                parts.append(f"missing: {show(missing)}")
+            if unexpected:
+                parts.append(f"unexpected: {show(unexpected)}")
+            if wrong_shape:
+                parts.append(f"wrong shape: {show(wrong_shape)}")
+            raise ValueError(f"weights in {source} do not fit this model ({'; '.join(parts)}). "
+                             "Was it saved from a different architecture or preset?")
+        self.load_state_dict(state, strict=not self.config.tie_embeddings)
+
+    # ---- generation ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (),
+                 use_cache: bool = True, generator: torch.Generator | None = None) -> Iterator[int]:
+        """Yield new token ids one at a time for a single prompt. temperature 0 is greedy.
+        Stops after a stop id (which is yielded), after max_new_tokens, or at max_seq_len."""
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
+        if ids.numel() == 0:
+            raise ValueError("generate() needs at least one prompt token")
+        device = self.embed_tokens.weight.device
+        ids = ids.to(device)
+        budget = min(max_new_tokens, self.config.max_seq_len - ids.numel())
+        if budget <= 0:
+            return
+        cache = None
+        if use_cache:
+            cache = KVCache(self.config, 1, ids.numel() + budget, device, self.embed_tokens.weight.dtype)
+        stop = set(int(s) for s in stop_ids)
+        generated = ids
+        step_input = ids[None]
+        for _ in range(budget):
+            logits, _, _ = self(step_input if use_cache else generated[None], kv_cache=cache, last_only=True)
+            next_id = sample_next(logits[0, -1].float(), generated, temperature, top_k, top_p,
+                                  repetition_penalty, generator)
+            generated = torch.cat((generated, next_id.view(1)))
+            step_input = next_id.view(1, 1)
+            token = int(next_id)
+            yield token
+            if token in stop:
+                return
+
+
+def sample_next(logits: torch.Tensor, history: torch.Tensor, temperature: float, top_k: int | None,
+                top_p: float | None, repetition_penalty: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Choose the next id from one row of logits (V,). Repetition penalty follows the CTRL /
+    transformers rule (divide positive, multiply negative logits of tokens already seen)."""
+    if repetition_penalty != 1.0 and history.numel():
+        seen = torch.unique(history)
+        scores = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
+    if temperature <= 0:
+        return logits.argmax()
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already cover top_p; the first always stays.
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[0]
