@@ -1,0 +1,214 @@
+"""Pretraining end to end at toy size: the data cache, bad data, the CLI from two folders,
+and exact resume after SIGINT and after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from config import ROOT
+from model.checkpoint import load_model_folder
+from model.tokenizer import load_tokenizer
+from train.data import DataError, build_token_cache, cache_paths, load_pretrain_data
+from train.train_pretrain import main as pretrain_main
+
+TOY_MODEL = json.dumps({"n_layers": 2, "hidden_size": 64, "n_heads": 4, "n_kv_heads": 2})
+WORDS = ("the cat sat on a mat while the dog ran to the old red barn and a bird sang in the tall green "
+         "tree as the sun rose over the quiet hills").split()
+
+
+def write_corpus(path: Path, n_docs: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with open(path, "w", encoding="utf-8") as handle:
+        for _ in range(n_docs):
+            picks = torch.randint(0, len(WORDS), (int(torch.randint(20, 60, (1,), generator=generator)),),
+                                  generator=generator)
+            handle.write(json.dumps({"text": " ".join(WORDS[i] for i in picks) + "."}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    write_corpus(folder / "train.jsonl", 600, seed=1)
+    write_corpus(folder / "val.jsonl", 60, seed=2)
+    return folder
+
+
+def run_args(corpus: Path, tokenizer_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    return ["--data", str(corpus / "train.jsonl"), "--val-data", str(corpus / "val.jsonl"),
+            "--tokenizer-dir", str(tokenizer_dir), "--out-dir", str(out_dir), "--model-config", TOY_MODEL,
+            "--seq-len", "32", "--batch-size", "4", "--warmup-steps", "5", "--lr", "3e-3",
+            "--eval-every", "50", "--eval-batches", "2", "--log-every", "50", "--device", "cpu", *extra]
+
+
+def step_losses(out_dir: Path) -> dict[int, float]:
+    """Per-step training losses from metrics.jsonl (the last record of a step wins)."""
+    losses = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+def test_pretraining_learns_and_saves_a_model_folder(corpus, tiny_tokenizer_dir, tmp_path):
+    out = tmp_path / "model"
+    assert pretrain_main(run_args(corpus, tiny_tokenizer_dir, out, "--max-steps", "60", "--eval-every", "60")) == 0
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_bpb" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 60
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    assert all("tokens_per_sec" in r and "mfu" in r for r in records if "loss" in r)
+    model = load_model_folder(out)
+    assert model.config.n_layers == 2 and model.config.vocab_size == load_tokenizer(tiny_tokenizer_dir).vocab_size
+
+
+def _launch(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train" / "train_pretrain.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError("training ended before the test could interrupt it:\n" + process.stdout.read())
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting for the training run")
+        time.sleep(0.01)
+
+
+def _latest_step(out_dir: Path) -> int:
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return json.loads(lines[-1])["step"] if lines else 0
+    except json.JSONDecodeError:  # caught mid-write
+        return 0
+
+
+def _checkpoint_step(out_dir: Path) -> int:
+    try:
+        return json.loads((out_dir / "checkpoint" / "trainer_state.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+def test_exact_resume_after_interruption(corpus, tiny_tokenizer_dir, tmp_path, how):
+    steps = "400"
+    reference = tmp_path / "reference"
+    assert pretrain_main(run_args(corpus, tiny_tokenizer_dir, reference, "--max-steps", steps,
+                                  "--save-every", "25")) == 0
+    expected = step_losses(reference)
+    assert len(expected) == 400
+
+    interrupted = tmp_path / "interrupted"
+    args = run_args(corpus, tiny_tokenizer_dir, interrupted, "--max-steps", steps, "--save-every", "25")
+    process = _launch(args)
+    if how == "sigint":
+        _wait_for(lambda: _latest_step(interrupted) >= 30, process)
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=120)[0]
+        assert process.returncode == 130, output
+        assert "checkpoint saved" in output
+    else:
+        _wait_for(lambda: _checkpoint_step(interrupted) >= 50, process)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+    stopped_at = _checkpoint_step(interrupted)
+    assert 0 < stopped_at < 400
+    assert not (interrupted / "config.json").exists(), "an interrupted run has no final model yet"
+
+    assert pretrain_main(args) == 0
+    resumed = step_losses(interrupted)
+    assert sorted(resumed) == list(range(1, 401))
+    mismatched = [s for s in resumed if resumed[s] != expected[s]]
+    assert not mismatched, f"resumed from step {stopped_at}; first differing step {mismatched[:3]}"
+
+
+def test_resume_refuses_changed_data_order(corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert pretrain_main(run_args(corpus, tiny_tokenizer_dir, out, "--max-steps", "5")) == 0
+    assert pretrain_main(run_args(corpus, tiny_tokenizer_dir, out, "--max-steps", "10", "--seed", "7")) == 2
+    assert "--no-resume" in capsys.readouterr().err
+    assert pretrain_main(run_args(corpus, tiny_tokenizer_dir, out, "--max-steps", "10", "--seed", "7",
+                                  "--no-resume")) == 0
+
+
+def test_token_cache_is_reused_and_rebuilt_on_change(tiny_tokenizer_dir, tmp_path):
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    source = tmp_path / "data.jsonl"
+    write_corpus(source, 50, seed=3)
+    tokens, meta = build_token_cache(source, tokenizer, verbose=False)
+    bin_path, _ = cache_paths(source)
+    built_at = bin_path.stat().st_mtime_ns
+    again, _ = build_token_cache(source, tokenizer, verbose=False)
+    assert bin_path.stat().st_mtime_ns == built_at and len(again) == len(tokens)
+    assert tokens[-1] == tokenizer.eos_id and meta["n_documents"] == 50
+
+    with open(source, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"text": "one more document about the cat"}) + "\n")
+    grown, meta = build_token_cache(source, tokenizer, verbose=False)
+    assert meta["n_documents"] == 51 and len(grown) > len(tokens)
+    expected_tail = tokenizer.encode("one more document about the cat") + [tokenizer.eos_id]
+    assert list(grown[-len(expected_tail):]) == expected_tail
+
+
+def test_packed_windows_have_no_padding(tiny_tokenizer_dir, tmp_path):
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    source = tmp_path / "data.jsonl"
+    write_corpus(source, 30, seed=4)
+    data = load_pretrain_data(source, tokenizer, seq_len=16)
+    inputs, targets = data.get_batch([0, 1])
+    assert inputs.shape == targets.shape == (2, 16)
+    assert torch.equal(inputs[0, 1:], targets[0, :-1]) and targets[0, -1] == inputs[1, 0]
+    assert len(data) == (len(data.tokens) - 1) // 16
+
+
+@pytest.mark.parametrize("line,problem", [
+    ('{"text": "fine"}\n{"text": \n', "not valid JSON"),
+    ('{"text": "fine"}\n{"body": "x"}\n', 'expected an object with a "text" field'),
+    ('{"text": "fine"}\n{"text": "   "}\n', '"text" is empty'),
+])
+def test_malformed_jsonl_names_file_and_line(tiny_tokenizer_dir, tmp_path, line, problem):
+    source = tmp_path / "bad.jsonl"
+    source.write_text(line, encoding="utf-8")
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    with pytest.raises(DataError, match=f"bad.jsonl:2: {problem}"):
+        build_token_cache(source, tokenizer, verbose=False)
+    _, meta = build_token_cache(source, tokenizer, skip_bad_lines=True, verbose=False)
+    assert meta["skipped_lines"] == 1 and meta["n_documents"] == 1
+
+
+def test_missing_data_names_the_command(tiny_tokenizer_dir, tmp_path, capsys):
+    code = pretrain_main(["--data", str(tmp_path / "nope.jsonl"), "--tokenizer-dir", str(tiny_tokenizer_dir),
+                          "--out-dir", str(tmp_path / "o")])
+    assert code == 2 and "tool/prepare_data.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cwd", [ROOT, ROOT / "train"])
+def test_script_runs_from_root_and_from_its_folder(corpus, tiny_tokenizer_dir, tmp_path, cwd):
+    script = "train/train_pretrain.py" if cwd == ROOT else "train_pretrain.py"
+    help_text = subprocess.run([sys.executable, script, "--help"], cwd=cwd, capture_output=True, text=True,
+                               check=True).stdout
+    for flag in ("--preset", "--data", "--out-dir", "--init-from", "--batch-size", "--grad-accum", "--lr",
+                 "--epochs", "--max-steps", "--seq-len", "--device", "--dtype", "--resume", "--no-resume",
+                 "--eval-every", "--save-every", "--seed", "--compile", "--no-compile"):
+        assert flag in help_text, flag
+    done = subprocess.run([sys.executable, script, *run_args(corpus, tiny_tokenizer_dir, tmp_path / "m",
+                                                             "--max-steps", "3")],
+                          cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "m" / "model.safetensors").is_file()

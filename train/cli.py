@@ -1,0 +1,91 @@
+"""Command-line flags shared by every training stage, spelled the same everywhere.
+
+Precedence: stage defaults < --preset < explicit flags. A flag left out is None here and does
+not override anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from config import PRESETS, STAGE_DEFAULTS, ConfigError, TrainConfig, resolve_train_config
+
+
+def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with every shared flag; stage scripts may add their own."""
+    defaults = STAGE_DEFAULTS[stage]
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--preset", choices=sorted(PRESETS), default=None,
+        help="model size and run length: tiny (minutes on a laptop CPU), small (~26M), base (~105M)")
+    add("--data", help=f"training data (default {defaults['data']})")
+    add("--val-data", help=f"validation data (default {defaults.get('val_data')}); 'none' turns evaluation off")
+    add("--out-dir", help=f"model folder this stage writes, with checkpoint/ inside (default {defaults['out_dir']})")
+    add("--init-from", help="model folder a later stage starts from"
+        + (f" (default {defaults['init_from']})" if defaults.get("init_from") else ""))
+    add("--tokenizer-dir", help="tokenizer folder (default weight/tokenizer)")
+    add("--batch-size", type=int, help=f"windows per device per micro-step (stage default {defaults['batch_size']})")
+    add("--grad-accum", type=int, help="micro-steps per optimizer step (default 1)")
+    add("--lr", type=float, help=f"peak learning rate (stage default {defaults['lr']})")
+    add("--warmup-steps", type=int, help="linear warmup steps before cosine decay (capped at 20%% of the run)")
+    add("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    add("--grad-clip", type=float, help="global gradient-norm clip, 0 for none (default 1.0)")
+    add("--epochs", type=int, help=f"passes over the data (stage default {defaults['epochs']})")
+    add("--max-steps", type=int, help="optimizer steps to run; overrides --epochs")
+    add("--seq-len", type=int, help="tokens per training window")
+    add("--device", choices=["auto", "cpu", "cuda", "mps"], help="auto: CUDA, then MPS, then CPU")
+    add("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto: bf16 autocast where the hardware runs it fast (CUDA, CPUs with AMX/AVX512-BF16), else fp32")
+    add("--resume", action=argparse.BooleanOptionalAction, default=None,
+        help="continue from <out-dir>/checkpoint/ when it exists (default on)")
+    add("--eval-every", type=int, help="steps between validations")
+    add("--eval-batches", type=int, help="validation batches per evaluation")
+    add("--save-every", type=int, help="steps between resumable checkpoints")
+    add("--log-every", type=int, help="steps between log lines")
+    add("--seed", type=int, help="seed of the initialisation and the data order (default 42)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the model (default off: on CPU it costs more than it saves at these sizes)")
+    add("--skip-bad-lines", action="store_true", default=None,
+        help="skip malformed data lines (counted and reported) instead of stopping")
+    return parser
+
+
+def train_config_from_args(stage: str, args: argparse.Namespace) -> TrainConfig:
+    """Resolve the run settings from defaults, preset and flags; report bad values clearly."""
+    flags = {name: getattr(args, name, None) for name in (
+        "data", "val_data", "out_dir", "init_from", "tokenizer_dir", "batch_size", "grad_accum", "lr",
+        "warmup_steps", "weight_decay", "grad_clip", "epochs", "max_steps", "seq_len", "device", "dtype",
+        "resume", "eval_every", "eval_batches", "save_every", "log_every", "seed", "compile", "skip_bad_lines")}
+    if flags["val_data"] is not None and flags["val_data"].lower() == "none":
+        flags["val_data"] = ""
+    for name in ("data", "val_data", "out_dir", "init_from", "tokenizer_dir"):
+        if flags[name]:
+            flags[name] = str(Path(flags[name]).expanduser().resolve())
+    cfg = resolve_train_config(stage, args.preset, flags)
+    if cfg.val_data == "":
+        cfg.val_data = None
+    return cfg
+
+
+def parse_model_overrides(text: str | None) -> dict[str, Any]:
+    """--model-config: a JSON object or a path to a JSON file of EtudeConfig fields."""
+    if not text:
+        return {}
+    path = Path(text)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8") if path.is_file() else text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--model-config must be a JSON object or a JSON file: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--model-config must be a JSON object, e.g. '{\"n_layers\": 2}'")
+    return data
+
+
+def print_config(title: str, **sections: dict[str, Any]) -> None:
+    print(title)
+    for name, values in sections.items():
+        print(f"  {name}: " + json.dumps(values, sort_keys=True))

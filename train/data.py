@@ -1,0 +1,229 @@
+"""Training data: the pretokenized pretraining stream and its packed windows.
+
+Pretraining text (JSONL `{"text": ...}` or plain .txt, one document per blank-line separated
+block) is tokenized once into a cache beside the source: `<source>.tokens.bin` (uint16 when the
+vocabulary fits, else uint32) and `<source>.tokens.json` (what it was built from). The cache is
+rebuilt when the source file or the tokenizer changes. Documents are joined with <|endoftext|>
+and cut into fixed windows of seq_len + 1 tokens that overlap by one (inputs and shifted
+targets), so no token is padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.checkpoint import atomic_write, atomic_write_json
+from model.tokenizer import EtudeTokenizer
+
+CACHE_VERSION = 1
+ENCODE_BATCH_DOCS = 2000
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file and line."""
+
+
+def _bad_line(path: Path, lineno: int, problem: str) -> str:
+    return f"{path}:{lineno}: {problem}"
+
+
+def read_jsonl(path: Path | str, skip_bad_lines: bool = False, validate=None,
+               report: dict | None = None) -> Iterator[tuple[int, object]]:
+    """Yield (line number, parsed object) from a JSONL file. Blank lines are ignored. A line
+    that is not JSON, or that `validate(obj)` rejects (by returning an error string), stops
+    with file:line; with skip_bad_lines it is counted in report["skipped"] instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}. Build the demo data with "
+                                "`python tool/prepare_data.py` or pass --data PATH.")
+    report = report if report is not None else {}
+    report.setdefault("skipped", 0)
+    report.setdefault("first_skipped", [])
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+                problem = validate(obj) if validate else None
+            except UnicodeDecodeError as exc:
+                problem = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+            except json.JSONDecodeError as exc:
+                problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
+            if problem:
+                message = _bad_line(path, lineno, problem)
+                if not skip_bad_lines:
+                    raise DataError(message + ". Fix the line, or pass --skip-bad-lines to skip "
+                                              "bad lines (they are counted and reported).")
+                report["skipped"] += 1
+                if len(report["first_skipped"]) < 5:
+                    report["first_skipped"].append(message)
+                continue
+            yield lineno, obj
+
+
+def _text_problem(obj: object) -> str | None:
+    if not isinstance(obj, dict) or "text" not in obj:
+        return 'expected an object with a "text" field, e.g. {"text": "..."}'
+    if not isinstance(obj["text"], str):
+        return f'"text" must be a string, got {type(obj["text"]).__name__}'
+    if not obj["text"].strip():
+        return '"text" is empty'
+    return None
+
+
+def iter_documents(path: Path | str, skip_bad_lines: bool = False,
+                   report: dict | None = None) -> Iterator[str]:
+    """Pretraining documents of a .jsonl ({"text": ...} per line) or .txt (blank-line
+    separated blocks) file."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise FileNotFoundError(f"data file not found: {path}")
+        block: list[str] = []
+        with open(path, encoding="utf-8", errors="strict") as handle:
+            try:
+                for line in handle:
+                    if line.strip():
+                        block.append(line)
+                    elif block:
+                        yield "".join(block).strip("\n")
+                        block = []
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}: not UTF-8 text ({exc.reason}); convert it to UTF-8") from None
+        if block:
+            yield "".join(block).strip("\n")
+        return
+    for _, obj in read_jsonl(path, skip_bad_lines, _text_problem, report):
+        yield obj["text"]
+
+
+def _fingerprint(path: Path) -> dict:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def tokenizer_hash(tokenizer: EtudeTokenizer) -> str:
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+
+
+def cache_paths(source: Path) -> tuple[Path, Path]:
+    return source.with_name(source.name + ".tokens.bin"), source.with_name(source.name + ".tokens.json")
+
+
+def build_token_cache(source: Path | str, tokenizer: EtudeTokenizer, skip_bad_lines: bool = False,
+                      verbose: bool = True) -> tuple[np.ndarray, dict]:
+    """Return the memory-mapped token stream of `source`, (re)building the cache if the source
+    or the tokenizer changed since it was written."""
+    source = Path(source)
+    if not source.is_file():
+        raise FileNotFoundError(f"data file not found: {source}. Build the demo data with "
+                                "`python tool/prepare_data.py` or pass --data PATH.")
+    bin_path, meta_path = cache_paths(source)
+    wanted = {"version": CACHE_VERSION, "source": _fingerprint(source),
+              "tokenizer": tokenizer_hash(tokenizer)}
+    meta = None
+    if bin_path.is_file() and meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = None
+    if meta is None or any(meta.get(k) != v for k, v in wanted.items()) \
+            or bin_path.stat().st_size != meta.get("n_tokens", -1) * np.dtype(meta.get("dtype", "uint16")).itemsize:
+        meta = _write_token_cache(source, tokenizer, bin_path, meta_path, wanted, skip_bad_lines, verbose)
+    tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
+    return tokens, meta
+
+
+def _write_token_cache(source: Path, tokenizer: EtudeTokenizer, bin_path: Path, meta_path: Path,
+                       wanted: dict, skip_bad_lines: bool, verbose: bool) -> dict:
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    started = time.perf_counter()
+    report: dict = {}
+    n_docs = n_tokens = n_bytes = 0
+
+    def write(tmp: str) -> None:
+        nonlocal n_docs, n_tokens, n_bytes
+        with open(tmp, "wb") as out:
+            batch: list[str] = []
+
+            def flush() -> None:
+                nonlocal n_tokens
+                for ids in tokenizer.encode_batch(batch):
+                    ids.append(tokenizer.eos_id)
+                    np.asarray(ids, dtype=dtype).tofile(out)
+                    n_tokens += len(ids)
+                batch.clear()
+
+            for doc in iter_documents(source, skip_bad_lines, report):
+                batch.append(doc)
+                n_docs += 1
+                n_bytes += len(doc.encode("utf-8"))
+                if len(batch) >= ENCODE_BATCH_DOCS:
+                    flush()
+            if batch:
+                flush()
+
+    atomic_write(bin_path, write)
+    if n_tokens == 0:
+        bin_path.unlink(missing_ok=True)
+        raise DataError(f"{source} holds no documents; add text to it (one JSON object "
+                        '{"text": ...} per line, or blank-line separated .txt blocks)')
+    seconds = time.perf_counter() - started
+    meta = {**wanted, "dtype": np.dtype(dtype).name, "n_tokens": n_tokens, "n_documents": n_docs,
+            "n_bytes": n_bytes, "skipped_lines": report.get("skipped", 0), "build_seconds": round(seconds, 3)}
+    atomic_write_json(meta_path, meta)
+    if verbose:
+        print(f"tokenized {source.name}: {n_docs:,} documents, {n_bytes / 1e6:.1f} MB -> "
+              f"{n_tokens:,} tokens in {seconds:.1f} s ({n_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s)"
+              + (f"; skipped {report['skipped']} bad lines, first: {report['first_skipped'][0]}"
+                 if report.get("skipped") else ""))
+    return meta
+
+
+class PackedTokens:
+    """Fixed windows over a token stream: window i covers tokens [i*L, i*L + L] (L + 1 tokens),
+    giving inputs [:-1] and targets [1:]."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, name: str = "data"):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.num_samples = (len(tokens) - 1) // seq_len
+        if self.num_samples <= 0:
+            raise DataError(f"{name} has {len(tokens)} tokens, fewer than one window of "
+                            f"seq_len + 1 = {seq_len + 1}; add data or lower --seq-len")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def get_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (len(indices), seq_len) int64."""
+        length = self.seq_len
+        rows = np.stack([np.asarray(self.tokens[i * length: i * length + length + 1]) for i in indices])
+        rows = torch.from_numpy(rows.astype(np.int64))
+        return rows[:, :-1], rows[:, 1:]
+
+
+def load_pretrain_data(path: Path | str, tokenizer: EtudeTokenizer, seq_len: int,
+                       skip_bad_lines: bool = False) -> PackedTokens:
+    """Tokenize (or reuse the cache of) a pretraining file and pack it into windows."""
+    tokens, _ = build_token_cache(path, tokenizer, skip_bad_lines)
+    return PackedTokens(tokens, seq_len, name=str(path))
+
+
+def unigram_bits_per_byte(train: np.ndarray, val: np.ndarray, token_bytes: np.ndarray) -> float:
+    """Bits per byte of the best context-free model: each token's frequency in the training
+    stream (add-one smoothed), scored on the validation stream. A trained model should land far
+    below it."""
+    counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=len(token_bytes)).astype(np.float64) + 1.0
+    log_probs = np.log2(counts / counts.sum())
+    val = np.asarray(val, dtype=np.int64)
+    total_bytes = token_bytes[val].sum()
+    return float(-log_probs[val].sum() / max(total_bytes, 1))
+

@@ -1,0 +1,563 @@
+"""THE training loop, shared by every stage (pretraining, SFT, LoRA).
+
+A stage hands `Trainer` a model, its training (and validation) windows and a TrainConfig; the
+trainer owns everything else: device and precision, distributed data parallel under torchrun,
+gradient accumulation, the learning-rate schedule, clipping, evaluation (loss and bits per byte),
+logging (tqdm bar + metrics.jsonl), checkpoints and exact resume, and Ctrl-C handling.
+
+Exact resume: the data order is a pure function of (seed, epoch) and the position is the step
+number, so a resumed run draws the same batches in the same order; weights and optimizer state
+are saved in fp32, so on CPU the resumed losses equal the uninterrupted run's to the last bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from config import CHECKPOINT_SUBDIR, TrainConfig, read_json
+from model.checkpoint import (atomic_save_safetensors, atomic_write_json, load_safetensors,
+                              save_model_folder)
+from model.model import IGNORE_INDEX, EtudeModel
+
+
+class Windows(Protocol):
+    """What the trainer needs of a dataset: a size and batches by window index."""
+
+    num_samples: int
+
+    def get_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+# ---- device, precision, peak FLOP/s ------------------------------------------------------------
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA, then Apple MPS, then CPU; an explicit name that is not available is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device mps was asked for but Apple MPS is not available; use --device auto or cpu")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AMX or AVX-512 BF16), where bf16 matmuls run
+    several times faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """Training precision: bf16 autocast where the hardware runs it fast, else fp32."""
+    named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name != "auto":
+        return named[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+# Dense bf16/fp16 tensor-core peaks by device name (FLOP/s); fp32 runs are measured instead.
+_GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+              "4090": 165e12, "3090": 71e12}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The FLOP/s that MFU is measured against: the datasheet peak for known GPUs in bf16/fp16,
+    otherwise a matmul ceiling measured here and now (on CPU that is the honest ceiling)."""
+    if device.type == "cuda" and dtype != torch.float32:
+        name = torch.cuda.get_device_name(device)
+        for key, value in _GPU_PEAKS.items():
+            if key in name:
+                return value, f"{name} datasheet"
+    size = 2048 if device.type != "cpu" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * size ** 3 / best, f"measured {size}^3 matmul"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ---- distributed --------------------------------------------------------------------------------
+
+class Dist:
+    """Rank and world size; initialises torch.distributed when launched by torchrun."""
+
+    def __init__(self, device: torch.device):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.enabled = self.world_size > 1
+        if self.enabled and not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend=backend)
+        self.is_main = self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world_size
+        return value
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+
+# ---- the learning-rate schedule -----------------------------------------------------------------
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig, warmup_steps: int) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
+    if step < warmup_steps:
+        return cfg.lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+# ---- resume state -------------------------------------------------------------------------------
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_resume_state(folder: Path, model: EtudeModel, optimizer: torch.optim.Optimizer,
+                      state: dict[str, Any]) -> None:
+    """Write checkpoint/ as a whole: built in a temporary folder, then swapped in, so a crash
+    at any moment leaves a complete checkpoint (the new one, or the previous one in
+    checkpoint.old/, which load_resume_state falls back to)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    previous = folder.with_name(folder.name + ".old")
+    try:
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict_for_save().items()}
+        atomic_save_safetensors(staging / WEIGHTS_FILE, weights)
+        with open(staging / OPTIMIZER_FILE, "wb") as handle:
+            torch.save(optimizer.state_dict(), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        atomic_write_json(staging / STATE_FILE, state)
+        if previous.exists():
+            shutil.rmtree(previous)
+        if folder.exists():
+            os.replace(folder, previous)
+        os.replace(staging, folder)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def find_resume_state(folder: Path) -> Path | None:
+    """The checkpoint folder to resume from, if any (checkpoint/, or checkpoint.old/ when a
+    crash came between the two renames of a save)."""
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def load_resume_state(folder: Path, model: EtudeModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load weights, optimizer state and trainer state; every file is checked and named when
+    it is unreadable."""
+    state = read_json(folder / STATE_FILE, "trainer state")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"{folder / STATE_FILE} has no step count; the checkpoint is damaged. "
+                         "Start over with --no-resume.")
+    model.load_saved_state(load_safetensors(folder / WEIGHTS_FILE), source=str(folder / WEIGHTS_FILE))
+    try:
+        # weights_only: the optimizer state is tensors and numbers; nothing on disk may run code.
+        optimizer_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(optimizer_state)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"optimizer state missing: {folder / OPTIMIZER_FILE}. "
+                                "Start over with --no-resume.") from None
+    except Exception as exc:  # torch raises many kinds for a damaged file; all mean the same
+        raise ValueError(f"cannot read optimizer state {folder / OPTIMIZER_FILE}: {exc}. The file is "
+                         "corrupted or from another run; start over with --no-resume.") from None
+    return state
+
+
+# Settings that fix the data order: a resumed run must share them. Others (the run's length,
+# the learning rate) may change on resume; the change is reported.
+RESUME_KEYS = ("data", "seq_len", "seed")
+NOTED_KEYS = ("epochs", "max_steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip")
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+
+class Trainer:
+    """Runs `cfg` on `model` over `train_data`; `fit()` returns a summary dict.
+
+    save_model(model, out_dir) writes the final model (default: a model folder with the
+    tokenizer copied in); sample_ids, when given, is a prompt whose continuation is printed at
+    each evaluation."""
+
+    def __init__(self, model: EtudeModel, cfg: TrainConfig, train_data: Windows,
+                 val_data: Windows | None = None, token_bytes: torch.Tensor | None = None,
+                 save_model: Callable[[EtudeModel, Path], Any] | None = None,
+                 sample_ids: list[int] | None = None, decode: Callable[[list[int]], str] | None = None,
+                 stop_ids: tuple[int, ...] = ()):
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(self.device, cfg.dtype)
+        self.dist = Dist(self.device)
+        self.model = model.to(self.device)
+        self.train_data, self.val_data = train_data, val_data
+        self.token_bytes = token_bytes.to(self.device) if token_bytes is not None else None
+        self.out_dir = Path(cfg.out_dir)
+        self.checkpoint_dir = self.out_dir / CHECKPOINT_SUBDIR
+        self.save_model = save_model or (lambda m, folder: save_model_folder(m, folder, cfg.tokenizer_dir))
+        self.sample_ids, self.decode, self.stop_ids = sample_ids, decode, stop_ids
+
+        world = self.dist.world_size
+        self.global_batch = cfg.batch_size * cfg.grad_accum * world
+        self.steps_per_epoch = train_data.num_samples // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training data has {train_data.num_samples} windows of {cfg.seq_len} tokens, fewer "
+                f"than one global batch of {self.global_batch} (batch {cfg.batch_size} x grad_accum "
+                f"{cfg.grad_accum} x {world} ranks); lower --batch-size or --seq-len, or add data")
+        # --max-steps, when given, is the run's length (it may end mid-epoch or run past the
+        # last epoch; the data order is defined for every epoch).
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = min(cfg.warmup_steps, max(1, self.total_steps // 5))
+
+        fused = self.device.type in ("cuda", "cpu")
+        self.optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2), fused=fused)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.step_model: torch.nn.Module = self.model
+        if cfg.compile:
+            self.step_model = torch.compile(self.model)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            self.step_model = DistributedDataParallel(
+                self.step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._order_cache: tuple[int, list[int]] | None = None
+        self._stop_signal: str | None = None
+        self.skipped_steps = 0
+
+    # -- data order ---------------------------------------------------------------------------
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The permutation of windows for an epoch: a function of (seed, epoch) alone."""
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._order_cache = (epoch, torch.randperm(self.train_data.num_samples, generator=generator).tolist())
+        return self._order_cache[1]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's micro-batches (window indices) for an optimizer step. The global batch of
+        a step is fixed; ranks and accumulation only decide who computes which part."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self.epoch_order(epoch)
+        chosen = order[within * self.global_batch:(within + 1) * self.global_batch]
+        per_micro = self.cfg.batch_size
+        world, rank = self.dist.world_size, self.dist.rank
+        return [chosen[(m * world + rank) * per_micro:(m * world + rank + 1) * per_micro]
+                for m in range(self.cfg.grad_accum)]
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        """Mean loss and bits per byte on the first eval_batches * batch_size validation windows
+        (a fixed set, so evaluations are comparable across a run)."""
+        if self.val_data is None:
+            return None
+        self.model.eval()
+        count = min(self.val_data.num_samples, self.cfg.eval_batches * self.cfg.batch_size)
+        total_nats = torch.zeros((), dtype=torch.float64, device=self.device)
+        total_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+        total_bytes = torch.zeros((), dtype=torch.float64, device=self.device)
+        for start in range(self.dist.rank * self.cfg.batch_size, count, self.cfg.batch_size * self.dist.world_size):
+            inputs, targets = self.val_data.get_batch(list(range(start, min(start + self.cfg.batch_size, count))))
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self._autocast():
+                _, loss, _ = self.model(inputs, labels=targets)
+            valid = targets != IGNORE_INDEX
+            n_valid = valid.sum()
+            total_nats += loss.double() * n_valid
+            total_tokens += n_valid
+            if self.token_bytes is not None:
+                total_bytes += self.token_bytes[targets[valid]].sum()
+        self.model.train()
+        total_nats, total_tokens, total_bytes = (self.dist.sum(t) for t in (total_nats, total_tokens, total_bytes))
+        result = {"val_loss": float(total_nats / total_tokens.clamp(min=1))}
+        if self.token_bytes is not None and float(total_bytes) > 0:
+            result["val_bpb"] = float(total_nats / math.log(2) / total_bytes)
+        return result
+
+    def sample_text(self) -> str | None:
+        if not self.sample_ids or self.decode is None:
+            return None
+        self.model.eval()
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        with self._autocast():
+            new_ids = list(self.model.generate(self.sample_ids, max_new_tokens=48, temperature=0.8, top_k=40,
+                                               stop_ids=self.stop_ids, generator=generator))
+        self.model.train()
+        return self.decode(new_ids)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _state(self, step: int) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state().tolist()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device).tolist()
+        return {"step": step, "epoch": step // self.steps_per_epoch, "total_steps": self.total_steps,
+                "global_batch": self.global_batch, "samples_seen": step * self.global_batch,
+                "tokens_seen": step * self.global_batch * self.cfg.seq_len, "skipped_steps": self.skipped_steps,
+                "rng": rng, "train_config": self.cfg.to_dict(), "model_config": self.model.config.to_dict()}
+
+    def save_checkpoint(self, step: int) -> None:
+        if self.dist.is_main:
+            save_resume_state(self.checkpoint_dir, self.model, self.optimizer, self._state(step))
+        self.dist.barrier()
+
+    def _resume(self) -> int:
+        """Restore the latest checkpoint when resuming is on; returns the step to start at."""
+        found = find_resume_state(self.checkpoint_dir) if self.cfg.resume else None
+        if found is None:
+            return 0
+        state = load_resume_state(found, self.model, self.optimizer)
+        saved = state.get("train_config", {})
+        changed = [f"{k}: {saved.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_KEYS
+                   if k in saved and saved[k] != getattr(self.cfg, k)]
+        if state.get("global_batch", self.global_batch) != self.global_batch:
+            changed.append(f"global batch: {state['global_batch']} -> {self.global_batch}")
+        if changed:
+            raise ValueError(f"the checkpoint in {found} was made with other settings ({'; '.join(changed)}); "
+                             "run with the same settings to resume, or pass --no-resume to start over")
+        noted = [f"{k}: {saved.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in NOTED_KEYS
+                 if k in saved and saved[k] != getattr(self.cfg, k)]
+        if noted:
+            self._log(f"note: resuming with changed settings ({'; '.join(noted)})")
+        torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.tensor(state["rng"]["cuda"], dtype=torch.uint8), self.device)
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self._log(f"resuming from {found} at step {state['step']}/{self.total_steps}")
+        return state["step"]
+
+    # -- logging --------------------------------------------------------------------------------
+
+    def _log(self, message: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(message, file=sys.stdout)
+            sys.stdout.flush()
+
+    def _metrics(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _trim_metrics(self, start_step: int) -> None:
+        """Forget metrics of steps after the resume point (they will be run again)."""
+        path = self.out_dir / "metrics.jsonl"
+        if not self.dist.is_main or not path.is_file():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    # -- signals --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """First Ctrl-C (or SIGTERM) asks the loop to stop at the end of the current step and
+        save; a second Ctrl-C interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, _frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+            self._log(f"\n{self._stop_signal} received: saving a checkpoint after this step "
+                      "(press Ctrl-C again to quit without saving)")
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        start_step = self._resume()
+        self._trim_metrics(start_step)
+        n_params = self.model.num_parameters()
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        peak, peak_source = peak_flops(self.device, self.dtype)
+        self._log(f"{cfg.stage}: {n_params / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable) on "
+                  f"{self.device} in {str(self.dtype).replace('torch.', '')}, {self.dist.world_size} rank(s); "
+                  f"{self.total_steps} steps x {self.global_batch} windows x {cfg.seq_len} tokens "
+                  f"({self.steps_per_epoch} steps/epoch); MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+        summary: dict[str, Any] = {"start_step": start_step, "total_steps": self.total_steps}
+        if start_step == 0:
+            first = self.evaluate()
+            if first:
+                summary["first_eval"] = first
+                self._metrics({"step": 0, **first})
+                self._log("step 0: " + _fmt(first))
+        if start_step >= self.total_steps:
+            self._log(f"already trained for {start_step} of {self.total_steps} steps; nothing to do "
+                      "(raise --max-steps or --epochs to train further, or --no-resume to start over)")
+            summary["status"] = "complete"
+            return summary
+
+        tokens_per_step = self.global_batch * cfg.seq_len
+        bar = tqdm(total=self.total_steps, initial=start_step, desc=cfg.stage, dynamic_ncols=True,
+                   disable=not (self.dist.is_main and sys.stderr.isatty()))
+        self.model.train()
+        last = None
+        window_start, window_steps = time.perf_counter(), 0
+        step = start_step
+        with self._stop_on_signals():
+            while step < self.total_steps:
+                if self._stop_signal:
+                    break
+                loss, grad_norm, lr = self._train_step(step)
+                step += 1
+                window_steps += 1
+                elapsed = time.perf_counter() - window_start
+                tokens_per_sec = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                mfu = self.model.estimate_mfu(tokens_per_sec, cfg.seq_len, peak)
+                record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4)}
+                self._metrics(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{mfu:.1%}")
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    eta = (self.total_steps - step) * elapsed / window_steps
+                    self._log(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                              f"{tokens_per_sec:,.0f} tok/s | MFU {mfu:.1%} | ETA {_duration(eta)}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if step % cfg.eval_every == 0 or step == self.total_steps:
+                    last = self.evaluate()
+                    if last:
+                        self._metrics({"step": step, **last})
+                        self._log(f"step {step}: " + _fmt(last))
+                    sample = self.sample_text() if self.dist.is_main else None
+                    if sample is not None:
+                        self._log(f"sample: {self.decode(self.sample_ids)!s}{sample}")
+                if step % cfg.save_every == 0 and step < self.total_steps:
+                    self.save_checkpoint(step)
+        bar.close()
+        self.save_checkpoint(step)
+        summary.update(end_step=step, last_eval=last, skipped_steps=self.skipped_steps)
+        if self._stop_signal:
+            self._log(f"stopped at step {step}; checkpoint saved in {self.checkpoint_dir}. "
+                      "Run the same command again to resume.")
+            summary["status"] = "interrupted"
+            return summary
+        if self.dist.is_main:
+            self.save_model(self.model, self.out_dir)
+            self._log(f"saved {self.out_dir}")
+        self.dist.barrier()
+        summary["status"] = "complete"
+        return summary
+
+    def _train_step(self, step: int) -> tuple[float, float, float]:
+        """One optimizer step over grad_accum micro-batches; returns (loss, grad norm, lr).
+        The loss is the mean over every trained token of the global batch, however the batch
+        is split across micro-batches and ranks."""
+        lr = lr_at(step, self.total_steps, self.cfg, self.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        batches = [self.train_data.get_batch(indices) for indices in self.micro_batches(step)]
+        local_tokens = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in batches)
+        global_tokens = float(self.dist.sum(torch.tensor(float(local_tokens), device=self.device)))
+        total_loss = torch.zeros((), device=self.device)
+        for index, (inputs, targets) in enumerate(batches):
+            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            share = int((targets != IGNORE_INDEX).sum()) * self.dist.world_size / max(global_tokens, 1.0)
+            syncing = index == len(batches) - 1 or not self.dist.enabled
+            with (contextlib.nullcontext() if syncing else self.step_model.no_sync()):
+                with self._autocast():
+                    _, loss, aux_loss = self.step_model(inputs, labels=targets)
+                    scaled = (loss * share + aux_loss / len(batches))
+                self.scaler.scale(scaled).backward()
+            total_loss += loss.detach() * share / self.dist.world_size
+        loss_value = float(self.dist.sum(total_loss))
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self._log(f"step {step + 1}: loss is {loss_value}; update skipped ({self.skipped_steps} so far)")
+            return loss_value, float("nan"), lr
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, float(grad_norm), lr
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
