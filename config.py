@@ -245,7 +245,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": dict(vocab_size=6400, hidden_size=256, n_layers=4, n_heads=4, n_kv_heads=2,
                       max_seq_len=256),
-        "pretrain": dict(seq_len=256, batch_size=16, lr=1e-3, epochs=1, warmup_steps=30,
+        "pretrain": dict(seq_len=256, batch_size=16, lr=2e-3, epochs=1, max_steps=600, warmup_steps=30,
                          eval_every=100, eval_batches=8, save_every=100, log_every=5),
         "sft": dict(seq_len=256, batch_size=8, lr=3e-4, epochs=2, warmup_steps=10,
                     eval_every=100, eval_batches=8, save_every=100, log_every=5),
@@ -287,7 +287,10 @@ def resolve_train_config(stage: str, preset: str | None, overrides: dict[str, An
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         settings.update(PRESETS[preset].get(stage, {}))
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "epochs" in given and "max_steps" not in given:
+        settings["max_steps"] = None  # an explicit epoch count outranks a preset's step count
+    settings.update(given)
     return TrainConfig(**settings)
 
 

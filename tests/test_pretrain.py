@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,19 +17,7 @@ from model.tokenizer import load_tokenizer
 from train.data import DataError, build_token_cache, cache_paths, load_pretrain_data
 from train.train_pretrain import main as pretrain_main
 
-TOY_MODEL = json.dumps({"n_layers": 2, "hidden_size": 64, "n_heads": 4, "n_kv_heads": 2})
-WORDS = ("the cat sat on a mat while the dog ran to the old red barn and a bird sang in the tall green "
-         "tree as the sun rose over the quiet hills").split()
-
-
-def write_corpus(path: Path, n_docs: int, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with open(path, "w", encoding="utf-8") as handle:
-        for _ in range(n_docs):
-            picks = torch.randint(0, len(WORDS), (int(torch.randint(20, 60, (1,), generator=generator)),),
-                                  generator=generator)
-            handle.write(json.dumps({"text": " ".join(WORDS[i] for i in picks) + "."}) + "\n")
-
+from tests.helpers import TOY_MODEL, checkpoint_step, latest_step, launch, step_losses, wait_for, write_corpus
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -47,16 +34,6 @@ def run_args(corpus: Path, tokenizer_dir: Path, out_dir: Path, *extra: str) -> l
             "--eval-every", "50", "--eval-batches", "2", "--log-every", "50", "--device", "cpu", *extra]
 
 
-def step_losses(out_dir: Path) -> dict[int, float]:
-    """Per-step training losses from metrics.jsonl (the last record of a step wins)."""
-    losses = {}
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            losses[record["step"]] = record["loss"]
-    return losses
-
-
 def test_pretraining_learns_and_saves_a_model_folder(corpus, tiny_tokenizer_dir, tmp_path):
     out = tmp_path / "model"
     assert pretrain_main(run_args(corpus, tiny_tokenizer_dir, out, "--max-steps", "60", "--eval-every", "60")) == 0
@@ -71,40 +48,6 @@ def test_pretraining_learns_and_saves_a_model_folder(corpus, tiny_tokenizer_dir,
     assert model.config.n_layers == 2 and model.config.vocab_size == load_tokenizer(tiny_tokenizer_dir).vocab_size
 
 
-def _launch(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "train" / "train_pretrain.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError("training ended before the test could interrupt it:\n" + process.stdout.read())
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("timed out waiting for the training run")
-        time.sleep(0.01)
-
-
-def _latest_step(out_dir: Path) -> int:
-    path = out_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    try:
-        return json.loads(lines[-1])["step"] if lines else 0
-    except json.JSONDecodeError:  # caught mid-write
-        return 0
-
-
-def _checkpoint_step(out_dir: Path) -> int:
-    try:
-        return json.loads((out_dir / "checkpoint" / "trainer_state.json").read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
-
-
 @pytest.mark.parametrize("how", ["sigint", "sigkill"])
 def test_exact_resume_after_interruption(corpus, tiny_tokenizer_dir, tmp_path, how):
     steps = "400"
@@ -116,18 +59,18 @@ def test_exact_resume_after_interruption(corpus, tiny_tokenizer_dir, tmp_path, h
 
     interrupted = tmp_path / "interrupted"
     args = run_args(corpus, tiny_tokenizer_dir, interrupted, "--max-steps", steps, "--save-every", "25")
-    process = _launch(args)
+    process = launch("train/train_pretrain.py", args)
     if how == "sigint":
-        _wait_for(lambda: _latest_step(interrupted) >= 30, process)
+        wait_for(lambda: latest_step(interrupted) >= 30, process)
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=120)[0]
         assert process.returncode == 130, output
         assert "checkpoint saved" in output
     else:
-        _wait_for(lambda: _checkpoint_step(interrupted) >= 50, process)
+        wait_for(lambda: checkpoint_step(interrupted) >= 50, process)
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=60)
-    stopped_at = _checkpoint_step(interrupted)
+    stopped_at = checkpoint_step(interrupted)
     assert 0 < stopped_at < 400
     assert not (interrupted / "config.json").exists(), "an interrupted run has no final model yet"
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +92,18 @@ def print_config(title: str, **sections: dict[str, Any]) -> None:
     print(title)
     for name, values in sections.items():
         print(f"  {name}: " + json.dumps(values, sort_keys=True))
+
+
+def run_stage(body: Callable[[], dict[str, Any]]) -> int:
+    """Run a stage's body and turn the user's mistakes (bad config, data, paths, checkpoints)
+    into one 'error:' line and exit status 2; an interrupted run exits 130 after saving.
+    ETUDE_DEBUG=1 shows the full traceback instead."""
+    from train.data import DataError  # torch-heavy; imported only when a stage runs
+    try:
+        summary = body()
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+        if os.environ.get("ETUDE_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 130 if summary.get("status") == "interrupted" else 0

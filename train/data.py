@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from model.checkpoint import atomic_write, atomic_write_json
-from model.tokenizer import EtudeTokenizer
+from model.model import IGNORE_INDEX as IGNORE
+from model.tokenizer import EtudeTokenizer, validate_messages
 
 CACHE_VERSION = 1
 ENCODE_BATCH_DOCS = 2000
@@ -227,3 +228,93 @@ def unigram_bits_per_byte(train: np.ndarray, val: np.ndarray, token_bytes: np.nd
     total_bytes = token_bytes[val].sum()
     return float(-log_probs[val].sum() / max(total_bytes, 1))
 
+
+
+# ---- supervised fine-tuning --------------------------------------------------------------------
+
+def _conversation_problem(obj: object) -> str | None:
+    if not isinstance(obj, dict):
+        return 'expected an object {"conversations": [...]} or {"messages": [...]}'
+    messages = obj.get("conversations", obj.get("messages"))
+    if messages is None:
+        return f'no "conversations" or "messages" field (keys: {sorted(obj)})'
+    try:
+        validate_messages(messages, require_assistant=True)
+    except ValueError as exc:
+        return str(exc)
+    if any(not m["content"].strip() for m in messages if m["role"] == "assistant"):
+        return "an assistant message is empty"
+    return None
+
+
+def read_conversations(path: Path | str, skip_bad_lines: bool = False,
+                       report: dict | None = None) -> Iterator[list[dict]]:
+    """Conversations of an SFT JSONL file ({"conversations": [...]} or {"messages": [...]})."""
+    for _, obj in read_jsonl(path, skip_bad_lines, _conversation_problem, report):
+        messages = obj.get("conversations", obj.get("messages"))
+        yield [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+class PackedConversations:
+    """SFT windows: whole conversations packed into windows of seq_len + 1 tokens (first fit,
+    longest first), never split across windows; the rest of a window is padding that is not
+    trained. Targets are -100 except on assistant content and its closing <|im_end|>."""
+
+    def __init__(self, conversations: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
+                 name: str = "data"):
+        self.seq_len = seq_len
+        width = seq_len + 1
+        order = sorted(range(len(conversations)), key=lambda i: (-len(conversations[i][0]), i))
+        bins: list[list[int]] = []
+        free: list[int] = []
+        self.truncated = 0
+        for index in order:
+            size = min(len(conversations[index][0]), width)
+            self.truncated += len(conversations[index][0]) > width
+            for b, room in enumerate(free):
+                if room >= size:
+                    bins[b].append(index)
+                    free[b] -= size
+                    break
+            else:
+                bins.append([index])
+                free.append(width - size)
+        self.inputs = torch.full((len(bins), width), pad_id, dtype=torch.long)
+        self.labels = torch.full((len(bins), width), IGNORE, dtype=torch.long)
+        for b, members in enumerate(bins):
+            cursor = 0
+            for index in sorted(members):
+                ids, mask = conversations[index]
+                ids, mask = ids[:width], mask[:width]
+                self.inputs[b, cursor:cursor + len(ids)] = torch.tensor(ids)
+                self.labels[b, cursor:cursor + len(ids)] = torch.where(
+                    torch.tensor(mask, dtype=torch.bool), torch.tensor(ids), IGNORE)
+                cursor += len(ids)
+        self.num_samples = len(bins)
+        if self.num_samples == 0:
+            raise DataError(f"{name} holds no conversations")
+        total = self.num_samples * width
+        self.pad_fraction = float(free and sum(free) / total)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def get_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        return self.inputs[rows, :-1], self.labels[rows, 1:]
+
+
+def load_sft_data(path: Path | str, tokenizer: EtudeTokenizer, seq_len: int,
+                  skip_bad_lines: bool = False, verbose: bool = True) -> PackedConversations:
+    """Render every conversation of an SFT file to ids + assistant mask and pack them."""
+    report: dict = {}
+    rendered = [tokenizer.render_chat(messages) for messages in read_conversations(path, skip_bad_lines, report)]
+    data = PackedConversations(rendered, seq_len, tokenizer.pad_id, name=str(path))
+    if verbose:
+        trained = int((data.labels != IGNORE).sum())
+        print(f"{Path(path).name}: {len(rendered):,} conversations -> {data.num_samples:,} windows of "
+              f"{seq_len} tokens; {data.pad_fraction:.1%} padding, {trained:,} trained tokens"
+              + (f"; {data.truncated} conversations longer than a window were truncated" if data.truncated else "")
+              + (f"; skipped {report['skipped']} bad lines, first: {report['first_skipped'][0]}"
+                 if report.get("skipped") else ""))
+    return data

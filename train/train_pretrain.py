@@ -12,7 +12,6 @@ checkpoint/ inside it. Run the same command again to resume; --no-resume starts 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -21,11 +20,11 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 
 import torch
 
-from config import ConfigError, preset_model_config
+from config import preset_model_config
 from model.model import EtudeModel
 from model.tokenizer import load_tokenizer
-from train.cli import build_parser, parse_model_overrides, print_config, train_config_from_args
-from train.data import DataError, load_pretrain_data, unigram_bits_per_byte
+from train.cli import build_parser, parse_model_overrides, print_config, run_stage, train_config_from_args
+from train.data import load_pretrain_data, unigram_bits_per_byte
 from train.trainer import Trainer
 
 
@@ -34,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-config", help="JSON object (or file) of model fields overriding the "
                         "preset, e.g. '{\"n_layers\": 2, \"hidden_size\": 64}'")
     args = parser.parse_args(argv)
-    try:
+
+    def body():
         cfg = train_config_from_args("pretrain", args)
         tokenizer = load_tokenizer(cfg.tokenizer_dir)
         # The vocabulary comes from the tokenizer; the context must hold a training window.
@@ -56,13 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(model, cfg, train_data, val_data, token_bytes=token_bytes,
                           sample_ids=tokenizer.encode(cfg.sample_prompt), decode=tokenizer.decode,
                           stop_ids=(tokenizer.eos_id,))
-        summary = trainer.fit()
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
-        if os.environ.get("ETUDE_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 130 if summary["status"] == "interrupted" else 0
+        return trainer.fit()
+
+    return run_stage(body)
 
 
 if __name__ == "__main__":

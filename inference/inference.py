@@ -1,0 +1,305 @@
+"""Chat with an Etude model folder.
+
+    python inference/inference.py                          # interactive, streamed, multi-turn
+    python inference/inference.py --prompt "Hello!"        # one answer, then exit
+    python inference/inference.py --input q.jsonl --output a.jsonl --batch-size 16
+
+Loads weight/etude_sft_model/ by default (falling back to the pretrained model, with a note);
+any model folder works with --model. Interactive commands: /reset (forget the conversation),
+/system TEXT (set the system prompt and reset), /quit. Batch input lines are {"prompt": "..."} or
+{"conversations"|"messages": [...]} (the next assistant turn is generated); each output line adds
+"answer". Greedy decoding (--temperature 0) is deterministic, and a batch gives exactly the
+answers that one-by-one generation gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from config import PRETRAINED_DIR, SFT_DIR
+from model.checkpoint import load_model_folder
+from model.model import EtudeModel
+from model.tokenizer import EtudeTokenizer, load_tokenizer, validate_messages
+
+COMMANDS = "/reset forgets the conversation, /system TEXT sets the system prompt, /quit leaves"
+
+
+class Chat:
+    """A model, its tokenizer and sampling settings; renders conversations and generates the
+    next assistant turn, dropping the oldest turns when the history outgrows the context."""
+
+    def __init__(self, model: EtudeModel, tokenizer: EtudeTokenizer, max_new_tokens: int = 256,
+                 temperature: float = 0.7, top_k: int | None = 40, top_p: float | None = 0.9,
+                 repetition_penalty: float = 1.1, seed: int | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty)
+        device = model.embed_tokens.weight.device
+        self.generator = torch.Generator(device=device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        self.stop_ids = (tokenizer.im_end_id, tokenizer.eos_id)
+
+    def prompt_ids(self, messages: list[dict]) -> tuple[list[int], str | None]:
+        """Ids of the conversation plus the generation prompt, fitted to the context: the
+        oldest non-system turns go first; a single message that is still too long keeps its
+        end. Returns the ids and a note saying what was dropped (None if nothing)."""
+        validate_messages(messages)
+        context = self.model.config.max_seq_len
+        room = context - min(self.max_new_tokens, context // 2)
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        turns = messages[len(system):]
+        dropped = 0
+        while True:
+            ids, _ = self.tokenizer.render_chat(system + turns, add_generation_prompt=True)
+            if len(ids) <= room or len(turns) <= 1:
+                break
+            turns = turns[1:]
+            dropped += 1
+        note = f"dropped the {dropped} oldest message(s) to fit the {context}-token context" if dropped else None
+        if len(ids) > room:
+            ids = ids[-room:]
+            note = (f"the prompt is longer than the {context}-token context; "
+                    f"kept its last {room} tokens")
+        return ids, note
+
+    def stream(self, messages: list[dict]) -> Iterator[str]:
+        """Yield the answer's text piece by piece as tokens are generated."""
+        ids, note = self.prompt_ids(messages)
+        if note:
+            print(f"[note: {note}]", file=sys.stderr)
+        decoder = StreamDecoder(self.tokenizer)
+        for token in self.model.generate(ids, self.max_new_tokens, stop_ids=self.stop_ids,
+                                         generator=self.generator, **self.sampling):
+            if token in self.stop_ids:
+                break
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    def answer(self, messages: list[dict]) -> str:
+        return "".join(self.stream(messages))
+
+    def answer_batch(self, conversations: list[list[dict]]) -> list[str]:
+        prompts = []
+        for messages in conversations:
+            ids, note = self.prompt_ids(messages)
+            if note:
+                print(f"[note: {note}]", file=sys.stderr)
+            prompts.append(ids)
+        outputs = self.model.generate_batch(prompts, self.max_new_tokens, stop_ids=self.stop_ids,
+                                            pad_id=self.tokenizer.pad_id, generator=self.generator,
+                                            **self.sampling)
+        return [self.tokenizer.decode([t for t in out if t not in self.stop_ids]) for out in outputs]
+
+
+class StreamDecoder:
+    """Turns token ids into text as they arrive. A byte-level token may end inside a
+    multi-byte character; such text is held back until the character is complete."""
+
+    def __init__(self, tokenizer: EtudeTokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+
+def resolve_model_folder(requested: str | None) -> Path:
+    """--model, or the SFT model, or (with a note) the pretrained one."""
+    if requested:
+        folder = Path(requested)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"no model folder at {folder} (config.json missing)")
+        return folder
+    if (SFT_DIR / "config.json").is_file():
+        return SFT_DIR
+    if (PRETRAINED_DIR / "config.json").is_file():
+        print(f"[note: no fine-tuned model in {SFT_DIR}; using the pretrained model, which continues "
+              "text rather than chatting. Run `python train/train_sft.py` for a chat model.]", file=sys.stderr)
+        return PRETRAINED_DIR
+    raise FileNotFoundError(f"no model found in {SFT_DIR} or {PRETRAINED_DIR}; train one with "
+                            "`python train/train_pretrain.py` and `python train/train_sft.py`, or pass --model")
+
+
+def pick_inference_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def inference_dtype(device: torch.device, name: str) -> torch.dtype:
+    """Decoding reads every weight per token: on CUDA bf16 halves that; on CPU single-row bf16
+    matmuls were measured slower than fp32, so the CPU default stays fp32."""
+    if name != "auto":
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_chat(args: argparse.Namespace) -> Chat:
+    folder = resolve_model_folder(args.model)
+    tokenizer = load_tokenizer(folder)
+    device = pick_inference_device(args.device)
+    model = load_model_folder(folder).to(device=device, dtype=inference_dtype(device, args.dtype))
+    return Chat(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                seed=args.seed)
+
+
+def read_batch_input(path: Path, system: str | None) -> list[tuple[dict, list[dict]]]:
+    items = []
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+                messages = ([{"role": "system", "content": system}] if system else []) + \
+                           [{"role": "user", "content": record["prompt"]}]
+            elif isinstance(record, dict) and ("conversations" in record or "messages" in record):
+                messages = record.get("conversations", record.get("messages"))
+            else:
+                raise ValueError(f'{path}:{lineno}: expected {{"prompt": "..."}} or {{"conversations": [...]}}')
+            try:
+                validate_messages(messages)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: {exc}") from None
+            items.append((record, messages))
+    return items
+
+
+def run_batch(chat: Chat, args: argparse.Namespace) -> None:
+    items = read_batch_input(Path(args.input), args.system)
+    output = Path(args.output) if args.output else None
+    lines = []
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start:start + args.batch_size]
+        answers = chat.answer_batch([messages for _, messages in chunk])
+        lines.extend(json.dumps({**record, "answer": answer}, ensure_ascii=False)
+                     for (record, _), answer in zip(chunk, answers))
+        print(f"answered {min(start + args.batch_size, len(items))}/{len(items)}", file=sys.stderr)
+    text = "".join(line + "\n" for line in lines)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+        print(f"wrote {len(lines)} answers to {output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
+def interactive(chat: Chat, system: str | None) -> None:
+    print(f"Chatting with {chat.model.num_parameters() / 1e6:.1f}M-parameter Etude. {COMMANDS}.")
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("\nyou> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            history = history[:1] if history and history[0]["role"] == "system" else []
+            print("(conversation reset)")
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            history = [{"role": "system", "content": system}] if system else []
+            print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)")
+            continue
+        history.append({"role": "user", "content": line})
+        print("etude> ", end="", flush=True)
+        pieces = []
+        try:
+            for piece in chat.stream(history):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print()
+        history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--model", help=f"model folder (default {SFT_DIR}, else {PRETRAINED_DIR})")
+    add("--prompt", help="answer this one message and exit")
+    add("--input", help="JSONL of prompts to answer in batches")
+    add("--output", help="where batch answers go (default: standard output)")
+    add("--batch-size", type=int, default=8, help="prompts per batch with --input (default 8)")
+    add("--system", help="system prompt")
+    add("--temperature", type=float, default=0.7, help="0 for greedy decoding (default 0.7)")
+    add("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 for all (default 40)")
+    add("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    add("--repetition-penalty", type=float, default=1.1, help="> 1 discourages repeats (default 1.1)")
+    add("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    add("--seed", type=int, help="seed for sampling, for reproducible answers")
+    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    add("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+        help="auto: bf16 on CUDA, fp32 on CPU (faster there for one-row decoding)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.prompt is not None and not args.prompt.strip():
+        print("error: --prompt is empty; give the message to answer", file=sys.stderr)
+        return 2
+    if args.batch_size <= 0 or args.max_new_tokens <= 0:
+        print("error: --batch-size and --max-new-tokens must be positive", file=sys.stderr)
+        return 2
+    try:
+        chat = build_chat(args)
+        if args.input:
+            run_batch(chat, args)
+        elif args.prompt is not None:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                       [{"role": "user", "content": args.prompt}]
+            for piece in chat.stream(messages):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            interactive(chat, args.system)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
