@@ -55,6 +55,14 @@ def step_losses(out_dir: Path) -> dict[int, float]:
     return losses
 
 
+def assert_same_losses(resumed: Path, reference: Path) -> None:
+    """Per-step losses of a resumed run equal those of the uninterrupted one, bit for bit."""
+    got, want = step_losses(resumed), step_losses(reference)
+    differ = {step: (got.get(step), want.get(step)) for step in sorted(set(got) | set(want))
+              if got.get(step) != want.get(step)}
+    assert not differ, f"steps whose loss differs (resumed, reference): {differ}"
+
+
 def launch(script: str, args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / script), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -19,7 +19,7 @@ from train.data import DataError, PackedConversations, load_sft_data
 from train.train_pretrain import main as pretrain_main
 from train.train_sft import main as sft_main
 
-from tests.helpers import (QA, TOY_MODEL, checkpoint_step, launch, step_losses, wait_for, write_corpus,
+from tests.helpers import (QA, TOY_MODEL, assert_same_losses, checkpoint_step, launch, wait_for, write_corpus,
                            write_sft)
 
 
@@ -123,7 +123,7 @@ def test_sft_resume_is_exact(toy, tmp_path):
     process.communicate(timeout=60)
     assert 0 < checkpoint_step(interrupted) < 120
     assert sft_main([*args, "--out-dir", str(interrupted)]) == 0
-    assert step_losses(interrupted) == step_losses(reference)
+    assert_same_losses(interrupted, reference)
 
 
 def test_one_shot_chat_without_a_terminal(toy):

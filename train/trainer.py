@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from config import CHECKPOINT_SUBDIR, TrainConfig, read_json
-from model.checkpoint import (atomic_save_safetensors, atomic_write_json, load_safetensors,
+from model.checkpoint import (atomic_save_safetensors, atomic_write, atomic_write_json, load_safetensors,
                               save_model_folder)
 from model.model import IGNORE_INDEX, EtudeModel
 
@@ -97,8 +97,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
             if key in name:
                 return value, f"{name} datasheet"
     size = 2048 if device.type != "cpu" else 1024
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # A private generator: measuring must not move the global RNG that a resumed run restores.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     best = float("inf")
     for _ in range(4):
         _sync(device)
@@ -410,9 +412,15 @@ class Trainer:
         path = self.out_dir / "metrics.jsonl"
         if not self.dist.is_main or not path.is_file():
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= start_step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line torn by a kill mid-write
+                continue
+        text = "".join(line + "\n" for line in kept)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     # -- signals --------------------------------------------------------------------------------
 

@@ -1,0 +1,69 @@
+"""The whole pipeline on the bundled demo data, one stage after another:
+
+    python tool/demo.py                  # tiny preset: about 10 minutes on 2 CPU cores
+    python tool/demo.py --preset small   # the same at ~26M parameters (for a GPU)
+
+prepare data -> train the tokenizer -> pretrain -> supervised fine-tuning -> chat. Each stage is
+the same command you would type yourself (they are printed), so the demo doubles as a tour.
+Stages resume: running the demo again continues an interrupted run, or skips finished training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The first question is in the SFT training set (chatterbot-corpus); the other two are not.
+QUESTIONS = ("What is AI?", "Hello! How are you today?", "What do you like to do on weekends?")
+
+
+def stage_commands(preset: str) -> list[tuple[str, list[str]]]:
+    return [
+        ("prepare data", ["tool/prepare_data.py"]),
+        ("tokenizer", ["train/train_tokenizer.py", "all"]),
+        ("pretrain", ["train/train_pretrain.py", "--preset", preset]),
+        ("sft", ["train/train_sft.py", "--preset", preset]),
+    ]
+
+
+def run(args: list[str]) -> None:
+    print(f"\n$ python {shlex.join(args)}", flush=True)
+    done = subprocess.run([sys.executable, *args], cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"demo: `python {shlex.join(args)}` failed (exit {done.returncode}); "
+                         "its message is above. Fix that, then run the demo again: finished stages resume.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="model and run preset (default tiny)")
+    args = parser.parse_args(argv)
+
+    timings = []
+    started = time.perf_counter()
+    for name, command in stage_commands(args.preset):
+        t0 = time.perf_counter()
+        run(command)
+        timings.append((name, time.perf_counter() - t0))
+
+    t0 = time.perf_counter()
+    for question in QUESTIONS:
+        run(["inference/inference.py", "--prompt", question, "--temperature", "0", "--max-new-tokens", "64"])
+    timings.append(("chat", time.perf_counter() - t0))
+
+    print("\ndemo finished; stage times:")
+    for name, seconds in timings:
+        print(f"  {name:<13}{seconds:8.1f} s")
+    print(f"  {'total':<13}{time.perf_counter() - started:8.1f} s")
+    print("chat with it: python inference/inference.py")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
