@@ -247,7 +247,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       max_seq_len=256),
         "pretrain": dict(seq_len=256, batch_size=16, lr=2e-3, epochs=1, max_steps=600, warmup_steps=30,
                          eval_every=100, eval_batches=8, save_every=100, log_every=5),
-        "sft": dict(seq_len=256, batch_size=8, lr=3e-4, epochs=2, warmup_steps=10,
+        "sft": dict(seq_len=256, batch_size=8, lr=1e-3, epochs=3, warmup_steps=10,
                     eval_every=100, eval_batches=8, save_every=100, log_every=5),
         "lora": dict(seq_len=256, eval_every=50, eval_batches=4, save_every=50, log_every=5),
     },

@@ -19,8 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The first question is in the SFT training set (chatterbot-corpus); the other two are not.
-QUESTIONS = ("What is AI?", "Hello! How are you today?", "What do you like to do on weekends?")
+# The first question is in the SFT training set (chatterbot-corpus's computer help desk); the
+# other two are not.
+QUESTIONS = ("My internet is not working.", "Hello! How are you today?", "What do you like to do on weekends?")
 
 
 def stage_commands(preset: str) -> list[tuple[str, list[str]]]:

