@@ -4,12 +4,13 @@ and the odd entries of the demo sources."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from model.tokenizer import validate_messages
-from tool.prepare_data import chatterbot_conversations, main as prepare_main
+from tool.prepare_data import QA_REPEATS, chatterbot_conversations, main as prepare_main
 
 OUTPUTS = ("pretrain.jsonl", "pretrain.val.jsonl", "sft.jsonl", "sft.val.jsonl")
 
@@ -148,7 +149,13 @@ def test_demo_corpus_is_deterministic(tmp_path):
 
     sft = read_jsonl(first / "sft.jsonl")
     val = read_jsonl(first / "sft.val.jsonl")
-    assert 0.04 < len(val) / (len(sft) + len(val)) < 0.06
+    distinct = {json.dumps(r, sort_keys=True) for r in sft}
+    assert 0.04 < len(val) / (len(distinct) + len(val)) < 0.06
+    # chatterbot's Q&A (the demo's facts) is repeated in training, chitchat is not
+    copies = Counter(json.dumps(r["conversations"][-2:], sort_keys=True) for r in sft)
+    assert copies[json.dumps([{"role": "user", "content": "My printer is not printing."},
+                              {"role": "assistant", "content": "Ensure it's powered on and has paper, "
+                               "then restart it."}], sort_keys=True)] == QA_REPEATS
     for record in sft + val:
         validate_messages(record["conversations"], require_assistant=True)
         assert record["conversations"][-1]["role"] == "assistant"
