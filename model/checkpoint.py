@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from config import IM_END, ENDOFTEXT, MODEL_TYPE, ConfigError, EtudeConfig, read_json
+from model.hf_llama import config_from_hf, hf_weight_files, is_hf_config, state_from_hf
 from model.model import EtudeModel
 
 WEIGHTS_FILE = "model.safetensors"
@@ -149,18 +150,16 @@ def save_model_folder(model: EtudeModel, folder: Path | str, tokenizer_dir: Path
 
 
 def read_model_config(folder: Path | str) -> EtudeConfig:
-    """The EtudeConfig stored in a model folder, with a clear message when the folder is not
-    one of ours."""
+    """The EtudeConfig stored in a model folder (or implied by a Hugging Face Llama folder's
+    config.json), with a clear message when the folder is neither."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
     data = read_json(folder / CONFIG_FILE, "model config")
     if not isinstance(data, dict):
         raise ValueError(f"{folder / CONFIG_FILE} must hold a JSON object")
-    if data.get("model_type", MODEL_TYPE) != MODEL_TYPE:
-        raise ConfigError(
-            f"{folder} holds a {data.get('model_type')!r} model, not an Etude model folder; "
-            "import it first with tool/convert_hf.py")
+    if is_hf_config(data):  # a Hugging Face Llama folder loads as it is (model/hf_llama.py)
+        return config_from_hf(data, tokenizer_vocab_size(folder), source=str(folder / CONFIG_FILE))
     try:
         return EtudeConfig.from_dict(data)
     except (ConfigError, TypeError) as exc:
@@ -169,7 +168,8 @@ def read_model_config(folder: Path | str) -> EtudeConfig:
 
 def load_model_folder(folder: Path | str, device: str | torch.device = "cpu",
                       check_tokenizer: bool = True) -> EtudeModel:
-    """Rebuild a model from a folder's config.json and load its weights strictly."""
+    """Rebuild a model from a folder's config.json and load its weights strictly. A Hugging Face
+    Llama folder (single or sharded safetensors) loads too, converted to fp32 Etude weights."""
     folder = Path(folder)
     config = read_model_config(folder)
     if check_tokenizer:
@@ -178,5 +178,11 @@ def load_model_folder(folder: Path | str, device: str | torch.device = "cpu",
             raise ValueError(f"the tokenizer in {folder} has {vocab} ids but the model only "
                              f"{config.vocab_size}: they do not belong together")
     model = EtudeModel(config)
-    model.load_saved_state(load_safetensors(folder / WEIGHTS_FILE), source=str(folder / WEIGHTS_FILE))
+    if is_hf_config(read_json(folder / CONFIG_FILE, "model config")):
+        state: dict[str, torch.Tensor] = {}
+        for path in hf_weight_files(folder):  # one file, or the shards of an index
+            state.update(load_safetensors(path))
+        model.load_saved_state(state_from_hf(state, config, source=str(folder)), source=str(folder))
+    else:
+        model.load_saved_state(load_safetensors(folder / WEIGHTS_FILE), source=str(folder / WEIGHTS_FILE))
     return model.to(device)

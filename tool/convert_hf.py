@@ -1,0 +1,342 @@
+"""Convert between Etude model folders and Hugging Face Llama folders.
+
+    python tool/convert_hf.py                              # weight/etude_sft_model -> weight/etude_hf_model
+    python tool/convert_hf.py --dtype bf16 --verify        # half the size, checked with transformers
+    python tool/convert_hf.py --model weight/etude_pretrained_model --out /tmp/base_hf
+    python tool/convert_hf.py --import some_llama_folder --out weight/etude_pretrained_model
+
+Export writes a folder that plain transformers loads (AutoModelForCausalLM, AutoTokenizer):
+config.json (LlamaForCausalLM), model.safetensors (Hugging Face names, --dtype fp32|bf16|fp16),
+tokenizer.json, tokenizer_config.json (with the ChatML chat_template), special_tokens_map.json and
+generation_config.json (generation ends at <|im_end|>). A model Llama cannot express (a mixture of
+experts) is refused before anything is written. The folder is built under a temporary name and
+renamed into place only when complete (and, with --verify, only when the check passed); an
+existing --out is replaced only when it holds an earlier export, or with --force.
+
+--verify loads the new folder with transformers and compares it with the Etude model: the chat
+template's ids against our renderer's, the logits on sample text (prints the max abs difference;
+fails above --tolerance) and greedy generations token for token. With --dtype bf16/fp16 the
+comparison is against the Etude model rounded the same way, so it checks the conversion; how far
+the rounding itself moves the logits is printed beside it.
+
+--import turns a Llama folder (one exported here, or any Llama checkpoint in safetensors, single or
+sharded, whose tokenizer was trained here) into an Etude model folder with fp32 weights. The
+training stages also take a Llama folder as it is: `train/train_sft.py --init-from FOLDER`.
+Exit status: 0 done, 1 verification failed (nothing written), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from safetensors.torch import save_file
+
+from config import ENDOFTEXT, HF_DIR, IM_END, PRETRAINED_DIR, SFT_DIR, TOKENIZER_DIR, ConfigError, read_json
+from model.checkpoint import (CONFIG_FILE, GENERATION_CONFIG_FILE, atomic_write_json, generation_config,
+                              load_model_folder, read_model_config, save_model_folder)
+from model.hf_llama import EXPORT_DTYPES, config_to_hf, is_hf_config, llama_problems, state_to_hf
+from model.model import EtudeModel
+from model.tokenizer import CHAT_TEMPLATE, EtudeTokenizer, load_tokenizer
+
+SAMPLE_TEXT = ("The old red barn stood under the tall green tree while the sun rose over the quiet hills. "
+               "今天天气很好，我们去学习音乐。 Numbers 1234 and symbols <b>&amp;</b> 😀 end here.")
+SAMPLE_CHAT = [{"role": "system", "content": "You are a helpful assistant."},
+               {"role": "user", "content": "Hello! Who are you?"},
+               {"role": "assistant", "content": "I'm Etude, a small language model."},
+               {"role": "user", "content": "What can you do? 你好"}]
+
+
+class VerificationFailed(Exception):
+    """The export does not behave like the model it came from."""
+
+
+# ---- export ------------------------------------------------------------------------------
+
+def load_source_model(folder: Path) -> EtudeModel:
+    """The Etude model to export. (A later --lora option merges adapters into it here, so that
+    everything after this point sees an ordinary dense model.)"""
+    config = read_model_config(folder)
+    if is_hf_config(read_json(folder / CONFIG_FILE, "model config")):
+        raise ConfigError(f"{folder} is already a Hugging Face folder; to make an Etude folder of it "
+                          f"use --import {folder}")
+    problems = llama_problems(config)  # refused before loading: an MoE model may not even build yet
+    if problems:
+        raise ConfigError(f"{folder} cannot be written in Llama format:\n  - " + "\n  - ".join(problems))
+    return load_model_folder(folder).eval()
+
+
+def tokenizer_config_with_template(tokenizer_dir: Path) -> dict:
+    """The tokenizer's tokenizer_config.json, with the ChatML template added when it lacks one."""
+    path = tokenizer_dir / "tokenizer_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing, so transformers could not load the tokenizer; write it "
+                                f"with `python train/train_tokenizer.py hf --out-dir {tokenizer_dir}`")
+    data = read_json(path, "tokenizer config")
+    data.setdefault("chat_template", CHAT_TEMPLATE)
+    return data
+
+
+def write_export(model: EtudeModel, tokenizer: EtudeTokenizer, folder: Path, dtype: str) -> None:
+    """Write the Llama folder's files into `folder` (a fresh staging folder)."""
+    token_ids = {"bos": tokenizer.eos_id, "eos": tokenizer.im_end_id, "pad": tokenizer.pad_id}
+    hf_config = config_to_hf(model.config, token_ids, dtype)
+    torch_dtype = EXPORT_DTYPES[dtype][0]
+    weights = {name: tensor.to(device="cpu", dtype=torch_dtype).contiguous()
+               for name, tensor in state_to_hf(model.state_dict_for_save(), model.config).items()}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(tokenizer.path / "tokenizer.json", folder / "tokenizer.json")
+    atomic_write_json(folder / "tokenizer_config.json", tokenizer_config_with_template(tokenizer.path))
+    if (tokenizer.path / "special_tokens_map.json").is_file():
+        shutil.copyfile(tokenizer.path / "special_tokens_map.json", folder / "special_tokens_map.json")
+    atomic_write_json(folder / GENERATION_CONFIG_FILE,
+                      generation_config({ENDOFTEXT: tokenizer.eos_id, IM_END: tokenizer.im_end_id}))
+    atomic_write_json(folder / CONFIG_FILE, hf_config)
+
+
+def rounded_copy(model: EtudeModel, dtype: torch.dtype) -> EtudeModel:
+    """The model with every weight rounded to `dtype` and kept in fp32: what an export in that
+    precision holds, loaded back in full precision."""
+    if dtype == torch.float32:
+        return model
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in rounded.parameters():
+            param.copy_(param.to(dtype).float())
+    return rounded
+
+
+# ---- verification ------------------------------------------------------------------------
+
+def verify(hf_folder: Path, model: EtudeModel, tokenizer: EtudeTokenizer | None, stored_dtype: torch.dtype,
+           tolerance: float, max_new_tokens: int) -> list[str]:
+    """Load `hf_folder` with transformers and compare it with `model` (fp32). Prints each
+    figure; returns the failures (empty when the folder behaves exactly like the model)."""
+    try:
+        import transformers
+    except ImportError:
+        raise FileNotFoundError("--verify needs transformers: pip install transformers") from None
+    transformers.utils.logging.disable_progress_bar()
+    failures = []
+    reference = rounded_copy(model, stored_dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float32).eval()
+    context = model.config.max_seq_len
+
+    if tokenizer is not None:
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_folder))
+        ours, _ = tokenizer.render_chat(SAMPLE_CHAT, add_generation_prompt=True)
+        theirs = list(hf_tokenizer.apply_chat_template(SAMPLE_CHAT, tokenize=True, return_dict=False,
+                                                       add_generation_prompt=True))
+        same = theirs == ours
+        print(f"verify: apply_chat_template ids {'==' if same else '!='} render_chat ids ({len(ours)} ids)")
+        if not same:
+            failures.append("the chat template renders different ids than the Etude renderer")
+        sample = (ours + tokenizer.encode(SAMPLE_TEXT))[:context]
+        prompt = ours[-context // 2:]
+    else:
+        generator = torch.Generator().manual_seed(0)
+        sample = torch.randint(0, model.config.vocab_size, (min(64, context),), generator=generator).tolist()
+        prompt = sample[:min(16, context // 2)]
+
+    ids = torch.tensor([sample])
+    with torch.no_grad():
+        hf_logits = hf(ids).logits
+        diff = (hf_logits - reference(ids)[0]).abs().max().item()
+        print(f"verify: max abs logit difference {diff:.3g} over {ids.shape[1]} tokens "
+              f"(tolerance {tolerance:g}){'' if diff <= tolerance else '  FAILED'}")
+        if stored_dtype != torch.float32:
+            rounding = (hf_logits - model(ids)[0]).abs().max().item()
+            print(f"verify: (storing the weights as {str(stored_dtype).removeprefix('torch.')} moves the logits "
+                  f"by up to {rounding:.3g} from the fp32 model; the check above is against the same rounding)")
+    if not diff <= tolerance:
+        failures.append(f"logits differ by {diff:.3g} > tolerance {tolerance:g}")
+
+    budget = min(max_new_tokens, context - len(prompt))
+    ours_tokens = list(reference.generate(prompt, budget, stop_ids=()))
+    with torch.no_grad():
+        output = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             do_sample=False, max_new_tokens=budget, eos_token_id=None)  # None: no early stop
+    hf_tokens = output[0, len(prompt):].tolist()
+    if hf_tokens == ours_tokens:
+        print(f"verify: greedy generation of {budget} tokens identical token for token")
+    else:
+        first = next((i for i, (a, b) in enumerate(zip(hf_tokens, ours_tokens)) if a != b),
+                     min(len(hf_tokens), len(ours_tokens)))
+        print(f"verify: greedy generations differ from token {first}: transformers {hf_tokens[first:first + 5]}, "
+              f"Etude {ours_tokens[first:first + 5]}  FAILED")
+        failures.append(f"greedy generation differs from token {first}")
+    if tokenizer is not None:
+        print(f"verify: greedy continuation: {tokenizer.decode(ours_tokens)!r}")
+    return failures
+
+
+# ---- placing a finished folder -------------------------------------------------------------
+
+def check_out_folder(out: Path, replaceable: bool, force: bool, sources: list[Path]) -> None:
+    """Stop before any work when --out cannot take the result."""
+    for source in sources:
+        if out.resolve() == source.resolve():
+            raise ValueError(f"--out {out} is the folder being converted; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not (replaceable or force):
+        raise ValueError(f"--out {out} already holds files that this conversion would replace; "
+                         "choose another --out, delete it, or pass --force")
+
+
+def place_folder(staging: Path, out: Path) -> None:
+    """Put a complete staging folder at `out`, replacing what is there in two renames."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def give_ordinary_permissions(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder and safetensors writes 0600 files; a published model folder
+    should read like any other (0755/0644 under the usual umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
+
+
+def folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
+
+
+# ---- the two directions ------------------------------------------------------------------------
+
+def run_export(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    source = Path(args.model or SFT_DIR)
+    out = Path(args.out or HF_DIR)
+    if not (source / CONFIG_FILE).is_file():
+        hint = "" if args.model else " Train one with `python train/train_sft.py`, or pass --model FOLDER."
+        raise FileNotFoundError(f"no model folder at {source} ({CONFIG_FILE} missing).{hint}")
+    previous_export = (out / CONFIG_FILE).is_file() and is_hf_config(read_json(out / CONFIG_FILE, "config"))
+    check_out_folder(out, previous_export, args.force, [source])
+    model = load_source_model(source)
+    tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else \
+        (source if (source / "tokenizer.json").is_file() else TOKENIZER_DIR)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} ids but the model only "
+                         f"{model.config.vocab_size}; pass the tokenizer it was trained with (--tokenizer-dir)")
+    print(f"exporting {source} ({model.num_parameters() / 1e6:.2f}M parameters) to {out} as {args.dtype} "
+          "LlamaForCausalLM")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        write_export(model, tokenizer, staging, args.dtype)
+        if args.verify:
+            failures = verify(staging, model, tokenizer, EXPORT_DTYPES[args.dtype][0], args.tolerance,
+                              args.max_new_tokens)
+            if failures:
+                raise VerificationFailed("; ".join(failures))
+        size = folder_size(staging)
+        give_ordinary_permissions(staging)
+        place_folder(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {out} ({size / 1e6:.2f} MB, model.safetensors {(out / 'model.safetensors').stat().st_size / 1e6:.2f} MB) "
+          f"in {time.perf_counter() - started:.1f}s")
+    print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}); "
+          f"chat: python inference/hf.py --model {out}")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    source = Path(args.import_from)
+    out = Path(args.out or PRETRAINED_DIR)
+    if not (source / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"no Hugging Face folder at {source} ({CONFIG_FILE} missing)")
+    if not is_hf_config(read_json(source / CONFIG_FILE, "model config")):
+        raise ConfigError(f"{source} is already an Etude model folder; nothing to import")
+    check_out_folder(out, False, args.force, [source])
+    tokenizer = None
+    if (source / "tokenizer.json").is_file():
+        try:
+            tokenizer = load_tokenizer(source)
+        except ValueError as exc:
+            raise ValueError(f"{exc} An Etude model needs the tokenizer it was trained with; this checkpoint's "
+                             "tokenizer cannot serve the training and chat scripts here.") from None
+    else:
+        print(f"note: {source} has no tokenizer.json; pass --tokenizer-dir to the stages that use {out}")
+    model = load_model_folder(source).eval()
+    print(f"importing {source} ({model.num_parameters() / 1e6:.2f}M parameters) to {out} as an Etude model folder")
+    if args.verify:
+        # transformers upcasts the stored weights to fp32 exactly as the import did: no rounding to allow for.
+        failures = verify(source, model, tokenizer, torch.float32, args.tolerance, args.max_new_tokens)
+        if failures:
+            raise VerificationFailed("; ".join(failures))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        save_model_folder(model, holder / out.name, tokenizer_dir=source if tokenizer else None)
+        give_ordinary_permissions(holder / out.name)
+        place_folder(holder / out.name, out)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+    print(f"wrote {out} ({folder_size(out) / 1e6:.2f} MB) in {time.perf_counter() - started:.1f}s; continue "
+          f"training with --init-from {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--model", help=f"Etude model folder to export (default {SFT_DIR})")
+    add("--import", dest="import_from", metavar="HF_FOLDER",
+        help="convert this Hugging Face Llama folder into an Etude model folder instead of exporting")
+    add("--out", help=f"folder to write (default {HF_DIR}; with --import {PRETRAINED_DIR})")
+    add("--dtype", choices=sorted(EXPORT_DTYPES), default="fp32",
+        help="precision of the exported weights (default fp32; bf16/fp16 halve the size)")
+    add("--tokenizer-dir", help="tokenizer to ship with the export (default: the model folder's own, "
+        f"else {TOKENIZER_DIR})")
+    add("--verify", action="store_true",
+        help="load the result with transformers and compare logits, chat-template ids and greedy generations")
+    add("--tolerance", type=float, default=1e-4, help="largest max-abs logit difference --verify accepts (default 1e-4)")
+    add("--max-new-tokens", type=int, default=32, help="greedy tokens --verify compares (default 32)")
+    add("--force", action="store_true", help="replace --out even when it holds something other than an earlier export")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.tolerance < 0 or args.max_new_tokens <= 0:
+        print("error: --tolerance must be >= 0 and --max-new-tokens positive", file=sys.stderr)
+        return 2
+    try:
+        if args.import_from:
+            if args.model or args.dtype != "fp32":
+                raise ValueError("--import reads a Hugging Face folder and writes fp32 Etude weights; "
+                                 "--model and --dtype belong to export")
+            return run_import(args)
+        return run_export(args)
+    except VerificationFailed as exc:
+        print(f"error: verification failed ({exc}); nothing was written", file=sys.stderr)
+        return 1
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
