@@ -155,7 +155,7 @@ def test_demo_corpus_is_deterministic(tmp_path):
     copies = Counter(json.dumps(r["conversations"][-2:], sort_keys=True) for r in sft)
     assert copies[json.dumps([{"role": "user", "content": "My printer is not printing."},
                               {"role": "assistant", "content": "Ensure it's powered on and has paper, "
-                               "then restart it."}], sort_keys=True)] == QA_REPEATS
+                               "then restart it."}], sort_keys=True)] == QA_REPEATS  # deduplicated at the source
     for record in sft + val:
         validate_messages(record["conversations"], require_assistant=True)
         assert record["conversations"][-1]["role"] == "assistant"

@@ -57,7 +57,7 @@ MAX_SFT_TURN_CHARS = 800          # chitchat has a few pasted walls of text; not
 MAX_PAIRS_PER_CONVERSATION = 3    # long chats would otherwise dominate the SFT set
 # Chatterbot's Q&A pairs are the demo's facts; chitchat is small talk with no single right reply.
 # Seeing each pair a few times per epoch lets the tiny model learn them within minutes.
-QA_REPEATS = 3
+QA_REPEATS = 5
 MULTI_TURN_FRACTION = 0.15
 MULTI_TURN_MAX_TURNS = 6
 SYSTEM_PROMPT_FRACTION = 0.2
@@ -169,8 +169,10 @@ def bible_chapters(path: Path) -> list[str]:
 def chatterbot_conversations(data_dir: Path, languages: list[str]) -> tuple[list[tuple[str, list[list[str]]]], int]:
     """(file label, conversations) per YAML file, and how many malformed entries were skipped.
     Numbers are kept as text; a conversation holding anything else that is not a string (YAML
-    turns a bare yes/no into a boolean) is dropped, since its turn order can no longer be trusted."""
-    files, skipped = [], 0
+    turns a bare yes/no into a boolean) is dropped, since its turn order can no longer be trusted.
+    Exact repeats are dropped (tech_support.yml holds each of its pairs ~120 times): they would
+    swamp the mix and leak into the validation split."""
+    files, skipped, seen = [], 0, set()
     for language in languages:
         folder = data_dir / language
         if not folder.is_dir():
@@ -196,6 +198,9 @@ def chatterbot_conversations(data_dir: Path, languages: list[str]) -> tuple[list
                 if len(turns) < 2 or not all(turns):
                     skipped += 1
                     continue
+                if tuple(turns) in seen:
+                    continue
+                seen.add(tuple(turns))
                 conversations.append(turns)
             files.append((f"{language}/{path.stem}", conversations))
     return files, skipped
