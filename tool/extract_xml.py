@@ -1,0 +1,373 @@
+"""Turn a MediaWiki XML dump (Wikipedia's pages-articles) into pretraining text: JSONL, one
+{"title": ..., "text": ...} per article.
+
+    python tool/extract_xml.py enwiki-latest-pages-articles.xml.bz2
+    python tool/extract_xml.py zhwiki-latest-pages-articles.xml.bz2 --out training_data/zhwiki.jsonl
+    python tool/extract_xml.py dump.xml --min-chars 500 --max-pages 1000 --skip-bad-lines
+
+Reads .xml, .xml.bz2, .xml.gz (and .xz) as a stream, one page at a time, so memory stays flat
+however large the dump. Keeps articles only: redirects and pages outside --namespaces (default
+0, the articles) are skipped. Wikitext is cleaned to plain text: templates {{...}} (nested),
+<ref> notes, tables {| ... |}, files and images, categories, HTML comments and other markup are
+removed; [[target|label]] becomes label and [[target]] target; bold and italic marks go; headings
+stay as plain lines (those of sections that end up empty are dropped). The names of the File and
+Category namespaces are read from the dump itself, so localised dumps (e.g. Chinese) are cleaned
+the same way; Chinese variant markup -{zh-hans:...;zh-hant:...}- keeps the simplified text.
+Articles shorter than --min-chars after cleaning are dropped.
+
+Writes --out (default training_data/<dump name>.jsonl, or .jsonl.gz), atomically, and prints
+counts at the end. Feed it to `python tool/prepare_data.py --pretrain FILE`, or to
+`python tool/cut_jsonl.py` first to de-duplicate, sample and split it.
+
+Malformed XML stops with file:line:column; with --skip-bad-lines the pages read before it are
+kept and the next input goes on. Invalid UTF-8 or characters XML forbids stop at their line too;
+with --skip-bad-lines only the page holding them is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import html
+import re
+import sys
+from pathlib import Path
+from typing import Any
+from xml.parsers import expat
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tool.textio import (COMPRESSED_ERRORS, BadLines, DataError, Outputs, Reader, Stopwatch, add_common_flags,
+                         check_not_inputs, default_output, print_summary, run_tool)
+
+CHUNK_BYTES = 1 << 20
+DEFAULT_MIN_CHARS = 200
+# Namespace names known without the dump's <siteinfo> (English and Chinese aliases); the dump's
+# own names for namespaces 6 (File), 14 (Category) and -2 (Media) are added when read.
+FILE_NAMESPACES = {"file", "image", "media", "文件", "檔案", "档案", "图像", "圖像", "媒体", "媒體"}
+CATEGORY_NAMESPACES = {"category", "分类", "分類"}
+DROPPED_NAMESPACE_KEYS = {"6", "14", "-2"}
+
+# --- wikitext cleaning ---------------------------------------------------------------------------
+COMMENT = re.compile(r"<!--.*?(?:-->|\Z)", re.S)
+# Elements whose content is not prose: notes, galleries, formulas, code, maps.
+DROPPED_ELEMENTS = "ref|references|gallery|math|chem|ce|score|timeline|imagemap|graph|mapframe|" \
+                   "templatedata|syntaxhighlight|source|pre|includeonly|indicator"
+DROPPED_BLOCK = re.compile(rf"<({DROPPED_ELEMENTS})\b[^>]*?(?<!/)>.*?</\1\s*>", re.S | re.I)
+DROPPED_EMPTY = re.compile(rf"<(?:{DROPPED_ELEMENTS})\b[^>]*/>", re.I)
+LINE_BREAK_TAG = re.compile(r"<br\s*/?>", re.I)
+HTML_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*\b[^<>]*>")
+TEMPLATE_BRACES = re.compile(r"\{\{|\}\}")
+TABLE_MARKS = re.compile(r"^[ \t]*(\{\||\|\})", re.M)
+VARIANT = re.compile(r"-\{(.*?)\}-", re.S)
+VARIANT_FLAGS = re.compile(r"^\s*([A-Za-z;\-+ ]{1,10})\|")
+VARIANT_PREFERENCE = ("zh-hans", "zh-cn", "zh-sg", "zh-my", "zh", "zh-hant", "zh-tw", "zh-hk", "zh-mo")
+EXTERNAL_LINK = re.compile(r"\[(?:https?:|ftp:)?//[^\s\]]+(?:\s+([^\]]*))?\]")
+INNERMOST_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
+BOLD_ITALIC = re.compile(r"'{2,}")
+MAGIC_WORD = re.compile(r"__[A-Z]+__")
+HEADING = re.compile(r"^(={1,6})\s*(.*?)\s*\1\s*$")
+LIST_MARK = re.compile(r"^[*#:;]+\s*")
+SPACES = re.compile(r"[ \t\u00a0\u3000]+")
+EMPTY_PARENS = re.compile(r"\(\s*[,;，；、]?\s*\)|（\s*[,;，；、]?\s*）")
+# "(; French)" after a template that opened the brackets was removed -> "(French)"
+PUNCT_AFTER_PAREN = re.compile(r"([(（])\s*[,;，；、]+\s*")
+SPACE_BEFORE_PUNCT = re.compile(r" +([,.;:，。；：、])")
+WORD = re.compile(r"\w")
+REDIRECT = re.compile(r"\s*#\s*(?:redirect|重定向)", re.I)
+# Characters XML 1.0 forbids; expat would stop the whole file at the first one.
+XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+# Bytes that are not UTF-8 and characters XML forbids are replaced by this noncharacter before
+# parsing, so the page that held them can be told and skipped. Real text never contains it.
+BAD_CHARACTER = "\U0010fffe"
+MARK_ERRORS = "etude-mark-bad-bytes"
+codecs.register_error(MARK_ERRORS, lambda exc: (BAD_CHARACTER, exc.end))
+
+
+def strip_nested(text: str, marks: re.Pattern, opener: str) -> str:
+    """Remove every balanced region between an opening and a closing mark (nesting counted).
+    A stray closing mark is dropped; an opening mark that is never closed removes the text up to
+    the end of its paragraph (a blank line), so one broken template does not eat the article."""
+    out, depth, start, outer = [], 0, 0, 0
+    for match in marks.finditer(text):
+        if match.group(1 if marks.groups else 0).strip() == opener:
+            if depth == 0:
+                out.append(text[start:match.start()])
+                outer = match.start()
+            depth += 1
+        elif depth:
+            depth -= 1
+            if depth == 0:
+                start = match.end()
+        else:  # a closing mark with nothing open
+            out.append(text[start:match.start()])
+            start = match.end()
+    if depth:
+        end = text.find("\n\n", outer)
+        return "".join(out) + ("" if end < 0 else strip_nested(text[end:], marks, opener))
+    out.append(text[start:])
+    return "".join(out)
+
+
+def pick_variant(match: re.Match) -> str:
+    """-{...}- Chinese variant markup: the simplified form when the text lists variants, nothing
+    for a conversion rule (-{H|...}-), the text itself otherwise."""
+    inner = match.group(1)
+    flags = VARIANT_FLAGS.match(inner)
+    if flags:
+        if set(flags.group(1)) & set("H-"):
+            return ""
+        inner = inner[flags.end():]
+    variants = {}
+    for part in inner.split(";"):
+        code, colon, value = part.partition(":")
+        if colon and code.strip().startswith("zh"):
+            variants[code.strip()] = value.strip()
+    if not variants:
+        return inner
+    return next((variants[code] for code in VARIANT_PREFERENCE if code in variants), next(iter(variants.values())))
+
+
+def link_text(match: re.Match, dropped_prefixes: set[str]) -> str:
+    """[[target|label]] -> label, [[target]] -> target; files, images and categories -> nothing
+    (a leading colon, [[:Category:X]], makes a plain visible link)."""
+    target, pipe, label = match.group(1).partition("|")
+    target = target.strip()
+    visible = target.startswith(":")
+    target = target.lstrip(":")
+    prefix, colon, rest = target.partition(":")
+    if colon and not visible and prefix.strip().lower() in dropped_prefixes:
+        return ""
+    if pipe and label.strip():
+        return label
+    if pipe:  # the pipe trick: [[Paris (band)|]] shows "Paris"
+        return re.sub(r"\s*\(.*\)\s*$", "", rest if colon else target)
+    return target
+
+
+def drop_empty_sections(lines: list[tuple[int, str]]) -> list[str]:
+    """Lines as text, without the headings (level > 0) of sections that hold no text: a heading
+    is dropped when the next thing kept is a heading of the same or a higher level, or nothing."""
+    kept: list[tuple[int, str]] = []
+    for level, line in reversed(lines):
+        if level and (not kept or 0 < kept[-1][0] <= level):
+            continue
+        kept.append((level, line))
+    return [line for _, line in reversed(kept)]
+
+
+def clean_wikitext(text: str, dropped_prefixes: set[str]) -> str:
+    """Plain text of an article's wikitext: one paragraph or heading per line."""
+    text = COMMENT.sub("", text)
+    text = DROPPED_BLOCK.sub("", text)
+    text = DROPPED_EMPTY.sub("", text)
+    text = strip_nested(text, TEMPLATE_BRACES, "{{")
+    text = strip_nested(text, TABLE_MARKS, "{|")
+    text = VARIANT.sub(pick_variant, text)
+    text = EXTERNAL_LINK.sub(lambda m: m.group(1) or "", text)
+    for _ in range(5):  # innermost links first: a file's caption may hold links of its own
+        text, count = INNERMOST_LINK.subn(lambda m: link_text(m, dropped_prefixes), text)
+        if not count:
+            break
+    text = text.replace("[[", "").replace("]]", "")
+    text = LINE_BREAK_TAG.sub("\n", text)
+    text = HTML_TAG.sub("", text)
+    text = html.unescape(text)
+    text = BOLD_ITALIC.sub("", text)
+    text = MAGIC_WORD.sub("", text)
+    lines: list[tuple[int, str]] = []
+    for line in text.split("\n"):
+        heading = HEADING.match(line)
+        level = len(heading.group(1)) if heading else 0
+        if heading:
+            line = heading.group(2)
+        elif line.lstrip().startswith(("|", "!", "----")):  # table rows left by a broken table, rules
+            continue
+        line = LIST_MARK.sub("", line)
+        line = SPACES.sub(" ", line)
+        line = EMPTY_PARENS.sub("", line)
+        line = PUNCT_AFTER_PAREN.sub(r"\1", line)
+        line = SPACE_BEFORE_PUNCT.sub(r"\1", line).strip()
+        if WORD.search(line):
+            lines.append((level, line))
+    return "\n".join(drop_empty_sections(lines))
+
+
+# --- the dump ------------------------------------------------------------------------------------
+
+
+class DumpReader:
+    """Parses a MediaWiki export with expat, page by page. Only the fields needed are kept and
+    each page is forgotten once handled, so memory holds one page at a time. (expat directly,
+    rather than ElementTree.iterparse, because it tells the line where each page starts.)"""
+
+    def __init__(self, path: Path, on_page: Any, bad: BadLines):
+        self.path, self.on_page, self.bad = path, on_page, bad
+        self.dropped_prefixes = set(FILE_NAMESPACES | CATEGORY_NAMESPACES)
+        self.namespace_keys: dict[str, str] = {}  # lower-cased name -> key, from <siteinfo>
+        self.parser = expat.ParserCreate()
+        self.parser.buffer_text = True
+        self.parser.buffer_size = 1 << 16
+        self.parser.StartElementHandler = self.start
+        self.parser.EndElementHandler = self.end
+        self.parser.CharacterDataHandler = self.characters
+        self.stack: list[str] = []
+        self.page: dict[str, Any] | None = None
+        self.field: str | None = None
+        self.buffer: list[str] = []
+        self.namespace_key: str | None = None
+
+    def start(self, name: str, attrs: dict[str, str]) -> None:
+        name = name.rpartition(":")[2]
+        parent = self.stack[-1] if self.stack else ""
+        self.stack.append(name)
+        if name == "page":
+            self.page = {"line": self.parser.CurrentLineNumber, "title": "", "ns": None, "text": "",
+                         "redirect": False}
+        elif self.page is not None:
+            if name == "redirect":
+                self.page["redirect"] = True
+            elif (name in ("title", "ns") and parent == "page") or (name == "text" and parent == "revision"):
+                self.field, self.buffer = name, []
+        elif name == "namespace" and parent == "namespaces":
+            self.namespace_key, self.buffer = attrs.get("key", ""), []
+
+    def characters(self, data: str) -> None:
+        if self.field is not None or self.namespace_key is not None:
+            self.buffer.append(data)
+
+    def end(self, name: str) -> None:
+        name = name.rpartition(":")[2]
+        self.stack.pop()
+        if self.field == name and self.page is not None:
+            self.page[name] = "".join(self.buffer)  # the last revision's text wins in a history dump
+            self.field, self.buffer = None, []
+        elif name == "namespace" and self.namespace_key is not None:
+            namespace = "".join(self.buffer).strip().lower()
+            if namespace:
+                self.namespace_keys[namespace] = self.namespace_key
+                if self.namespace_key in DROPPED_NAMESPACE_KEYS:
+                    self.dropped_prefixes.add(namespace)
+            self.namespace_key, self.buffer = None, []
+        elif name == "page" and self.page is not None:
+            page, self.page = self.page, None
+            if page["ns"] is None:  # very old dumps have no <ns>: read it off the title
+                prefix, colon, _ = page["title"].partition(":")
+                page["ns"] = self.namespace_keys.get(prefix.strip().lower(), "0") if colon else "0"
+            if BAD_CHARACTER in page["title"] or BAD_CHARACTER in page["text"]:
+                self.bad(self.path, page["line"], f"page {page['title'].strip()!r} holds bytes that are not UTF-8 "
+                                                  "or characters that XML does not allow")
+            else:
+                self.on_page(page, self.dropped_prefixes)
+
+    def feed(self, reader: Reader, stop: Any) -> None:
+        """Parse the whole stream, or until stop() says enough."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors=MARK_ERRORS)
+        line = 1
+        while not stop():
+            try:
+                chunk = reader.stream.read(CHUNK_BYTES)
+            except COMPRESSED_ERRORS as exc:
+                self.bad(self.path, line, "compressed data is corrupt or cut off",
+                         f"{exc}; re-download or re-compress the file")
+                return
+            reader.tick()
+            text = XML_FORBIDDEN.sub(BAD_CHARACTER, decoder.decode(chunk, final=not chunk))
+            at = text.find(BAD_CHARACTER)
+            if at >= 0 and not self.bad.skip:
+                self.bad(self.path, line + text.count("\n", 0, at),
+                         "bytes that are not UTF-8, or a character that XML does not allow")
+            try:
+                self.parser.Parse(text, not chunk)
+            except expat.ExpatError as exc:
+                self.bad(self.path, exc.lineno, "malformed XML",
+                         f"{expat.ErrorString(exc.code)} at column {exc.offset + 1}; the pages before it were kept")
+                return
+            line += text.count("\n")
+            if not chunk:
+                return
+
+
+class Extractor:
+    """Decides what becomes of each page and counts it."""
+
+    def __init__(self, output: Any, namespaces: set[str], min_chars: int, max_pages: int | None):
+        self.output, self.namespaces, self.min_chars, self.max_pages = output, namespaces, min_chars, max_pages
+        self.counts = {"pages": 0, "articles written": 0, "skipped: redirect": 0, "skipped: other namespace": 0,
+                       "skipped: shorter than --min-chars": 0}
+        self.chars = 0
+
+    def done(self) -> bool:
+        return self.max_pages is not None and self.counts["pages"] >= self.max_pages
+
+    def __call__(self, page: dict[str, Any], dropped_prefixes: set[str]) -> None:
+        if self.done():
+            return
+        self.counts["pages"] += 1
+        if page["ns"].strip() not in self.namespaces:
+            self.counts["skipped: other namespace"] += 1
+        elif page["redirect"] or REDIRECT.match(page["text"]):
+            self.counts["skipped: redirect"] += 1
+        else:
+            text = clean_wikitext(page["text"], dropped_prefixes)
+            if len(text) < self.min_chars:
+                self.counts["skipped: shorter than --min-chars"] += 1
+            else:
+                self.output.write_json({"title": page["title"].strip(), "text": text})
+                self.counts["articles written"] += 1
+                self.chars += len(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="DUMP",
+                        help="MediaWiki XML dump(s): .xml, .xml.bz2, .xml.gz or .xml.xz")
+    parser.add_argument("--out", type=Path,
+                        help="the JSONL to write (.jsonl or .jsonl.gz); default training_data/<dump name>.jsonl")
+    parser.add_argument("--min-chars", type=int, default=DEFAULT_MIN_CHARS,
+                        help=f"drop articles shorter than this after cleaning (default {DEFAULT_MIN_CHARS})")
+    parser.add_argument("--namespaces", nargs="+", default=["0"], metavar="KEY",
+                        help="namespace numbers to keep (default 0: articles)")
+    parser.add_argument("--max-pages", type=int, help="stop after this many pages (a quick look at a big dump)")
+    add_common_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> None:
+        if args.min_chars < 0:
+            raise DataError(f"--min-chars must be >= 0, got {args.min_chars}")
+        if args.max_pages is not None and args.max_pages <= 0:
+            raise DataError(f"--max-pages must be > 0, got {args.max_pages}")
+        out = args.out or default_output(args.inputs[0], ".jsonl")
+        check_not_inputs([out], args.inputs)
+        for path in args.inputs:
+            if not path.is_file():
+                raise FileNotFoundError(f"input file not found: {path}")
+        print(f"extracting articles (namespaces {', '.join(args.namespaces)}) from "
+              f"{', '.join(map(str, args.inputs))} -> {out}")
+        watch, bad = Stopwatch(), BadLines(args.skip_bad_lines, args.rejects)
+        size = 0
+        try:
+            with Outputs() as outputs:
+                extractor = Extractor(outputs.open(out), {k.strip() for k in args.namespaces}, args.min_chars,
+                                      args.max_pages)
+                for path in args.inputs:
+                    if extractor.done():
+                        break
+                    with Reader(path, progress=not args.no_progress) as reader:
+                        DumpReader(path, extractor, bad).feed(reader, extractor.done)
+                        size += reader.size
+        finally:
+            bad.close()
+        print_summary(f"wrote {out}", list(extractor.counts.items()) + bad.summary_rows()
+                      + [("characters written", extractor.chars)] + watch.rows(size))
+
+    return run_tool(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

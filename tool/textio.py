@@ -1,0 +1,311 @@
+"""Streaming input and output shared by the data tools (extract_xml, cut_txt, cut_jsonl,
+cut_jsonl_sft): compressed files by suffix, a progress bar in MB over the file on disk, line
+numbers and reports for bad lines, and outputs that appear only once they are complete.
+
+Only the standard library and tqdm: the tools must not import torch, so that their memory is
+their data's and not a framework's.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import os
+import sys
+import tempfile
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from config import DATA_DIR
+
+# A JSONL line longer than this is reported as bad and read past, so that one runaway line
+# (a file without newlines) cannot take the memory with it.
+MAX_LINE_BYTES = 64 << 20
+PROGRESS_EVERY = 4 << 20  # move the bar after this many bytes, not on every line
+COMPRESSIONS = {".gz": (gzip.open, b"\x1f\x8b"), ".bz2": (bz2.open, b"BZh"), ".xz": (lzma.open, b"\xfd7zXZ\x00")}
+# What a corrupted or cut-off compressed file raises while it is read.
+COMPRESSED_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class DataError(ValueError):
+    """Bad input or arguments; the message names the file (and line) and the fix."""
+
+
+def compression(path: Path | str) -> str | None:
+    """".gz", ".bz2" or ".xz" when the name says the file is compressed, else None."""
+    suffix = Path(path).suffix.lower()
+    return suffix if suffix in COMPRESSIONS else None
+
+
+def base_name(path: Path | str) -> str:
+    """The file name without its compression suffix and then its format suffix:
+    enwiki-latest-pages-articles.xml.bz2 -> enwiki-latest-pages-articles."""
+    path = Path(path)
+    if compression(path):
+        path = path.with_suffix("")
+    return path.with_suffix("").name if path.suffix else path.name
+
+
+def default_output(path: Path | str, suffix: str) -> Path:
+    """training_data/<input base name><suffix>: where a tool writes when --out is not given."""
+    return DATA_DIR / (base_name(path) + suffix)
+
+
+class Reader:
+    """One input file as a binary stream, decompressed according to its suffix, with a progress
+    bar over its bytes on disk (so a compressed input shows progress in compressed MB)."""
+
+    def __init__(self, path: Path | str, progress: bool = True):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"input file not found: {self.path}")
+        self.size = self.path.stat().st_size
+        self._raw = open(self.path, "rb")
+        kind = compression(self.path)
+        if kind:
+            opener, magic = COMPRESSIONS[kind]
+            head = self._raw.read(len(magic))
+            self._raw.seek(0)
+            if head != magic:
+                self._raw.close()
+                raise DataError(f"{self.path}: the name ends in {kind} but the file is not {kind[1:]}-compressed; "
+                                "rename it to what it is, or compress it")
+            self.stream = opener(self._raw, "rb")
+        else:
+            self.stream = self._raw
+        self.bar = tqdm(total=self.size, unit="B", unit_scale=True, desc=self.path.name, disable=not progress,
+                        file=sys.stderr, mininterval=0.5, leave=False)
+
+    def tick(self) -> None:
+        """Move the bar to the current position in the file on disk."""
+        position = self._raw.tell() if not self._raw.closed else self.size
+        self.bar.update(position - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.stream.close()
+        self._raw.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BadLines:
+    """What happens to a malformed input line: without --skip-bad-lines it stops the tool with
+    file:line and the reason; with it, the line is skipped, reported (to stderr, or one per line
+    to the --rejects file) and counted by kind of fault."""
+
+    def __init__(self, skip: bool, rejects: Path | str | None = None):
+        self.skip = skip
+        self.counts: Counter[str] = Counter()
+        self._rejects = open(rejects, "w", encoding="utf-8") if rejects else None
+
+    def __call__(self, path: Path | str, lineno: int, kind: str, detail: str = "") -> None:
+        message = f"{path}:{lineno}: {kind}" + (f" ({detail})" if detail else "")
+        if not self.skip:
+            raise DataError(f"{message}. Fix the line, or pass --skip-bad-lines to skip bad lines "
+                            "(each one is reported and counted).")
+        self.counts[kind] += 1
+        if self._rejects:
+            self._rejects.write(message + "\n")
+        else:
+            tqdm.write(f"skipped {message}", file=sys.stderr)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary_rows(self) -> list[tuple[str, Any]]:
+        return [(f"skipped: {kind}", count) for kind, count in self.counts.most_common()]
+
+    def close(self) -> None:
+        if self._rejects:
+            self._rejects.close()
+
+
+def iter_lines(reader: Reader, bad: BadLines) -> Iterator[tuple[int, bytes]]:
+    """Every line of `reader` as (line number, bytes without the line ending). A line over
+    MAX_LINE_BYTES is reported as bad and read past in constant memory; a compressed file that is
+    corrupt or cut off is reported at the line where it breaks, and nothing after it is read."""
+    readline = reader.stream.readline
+    lineno = since_tick = 0
+    while True:
+        try:
+            line = readline(MAX_LINE_BYTES)
+            if len(line) == MAX_LINE_BYTES and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):  # skip the rest of the runaway line
+                    line = readline(MAX_LINE_BYTES)
+                lineno += 1
+                bad(reader.path, lineno, "line too long", f"over {MAX_LINE_BYTES >> 20} MB")
+                continue
+        except COMPRESSED_ERRORS as exc:
+            bad(reader.path, lineno + 1, "compressed data is corrupt or cut off",
+                f"{exc}; nothing after this point can be read; re-download or re-compress the file")
+            return
+        if not line:
+            return
+        lineno += 1
+        since_tick += len(line)
+        if since_tick >= PROGRESS_EVERY:
+            reader.tick()
+            since_tick = 0
+        yield lineno, line.rstrip(b"\r\n")
+
+
+def iter_json_objects(reader: Reader, bad: BadLines) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+    """(line number, raw line, parsed object) of every non-blank line that is a UTF-8 JSON object;
+    any other line goes to `bad` with its reason."""
+    for lineno, raw in iter_lines(reader, bad):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad(reader.path, lineno, "not UTF-8", f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1}")
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            bad(reader.path, lineno, "not valid JSON", f"{exc.msg} at column {exc.colno}")
+            continue
+        if not isinstance(obj, dict):
+            bad(reader.path, lineno, "not a JSON object", f"got {type(obj).__name__}")
+            continue
+        yield lineno, raw, obj
+
+
+class Output:
+    """An output file written under a hidden temporary name beside `path` and renamed into place
+    by commit(), so an interrupted run never leaves a file that looks complete. Compressed with
+    gzip when `path` ends in .gz (mtime 0 in the header: the same input gives the same bytes)."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._file = open(fd, "wb", buffering=1 << 20)
+        self._stream = self._file
+        if compression(self.path) == ".gz":
+            self._stream = gzip.GzipFile(filename=self.path.name, mode="wb", fileobj=self._file,
+                                         compresslevel=6, mtime=0)
+        elif compression(self.path):
+            raise DataError(f"{self.path}: outputs are written plain or as .gz; drop the {compression(self.path)} suffix")
+        self.lines = 0
+
+    def write_line(self, data: bytes) -> None:
+        self._stream.write(data + b"\n")
+        self.lines += 1
+
+    def write_json(self, obj: Any) -> None:
+        self.write_line(json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+
+    def commit(self) -> None:
+        if self._stream is not self._file:
+            self._stream.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.chmod(self._tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file ordinary permissions
+        os.replace(self._tmp, self.path)
+
+    def discard(self) -> None:
+        try:
+            self._stream.close()
+            self._file.close()
+        finally:
+            Path(self._tmp).unlink(missing_ok=True)
+
+
+class Outputs:
+    """Several Output files that appear together: all renamed into place when the `with` block
+    ends normally, all discarded when it raises (an error, Ctrl-C)."""
+
+    def __init__(self) -> None:
+        self.files: list[Output] = []
+
+    def open(self, path: Path | str) -> Output:
+        output = Output(path)
+        self.files.append(output)
+        return output
+
+    def __enter__(self) -> Outputs:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is None:
+            for output in self.files:
+                output.commit()
+        else:
+            for output in self.files:
+                output.discard()
+
+
+def check_not_inputs(outputs: list[Path], inputs: list[Path]) -> None:
+    """Refuse to write over an input (the tools read while they write)."""
+    taken = {Path(p).resolve() for p in inputs}
+    for path in outputs:
+        if Path(path).resolve() in taken:
+            raise DataError(f"the output {path} is also an input; choose another output name (--out / --name)")
+
+
+def add_common_flags(parser: Any) -> None:
+    """The flags every data tool shares: bad-line handling and the progress bar."""
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="skip malformed input lines (each is reported as file:line: reason, and counted) "
+                             "instead of stopping at the first one")
+    parser.add_argument("--rejects", type=Path, metavar="FILE",
+                        help="with --skip-bad-lines: write the reports of skipped lines to FILE, one per line, "
+                             "instead of to stderr")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
+
+
+class Stopwatch:
+    """Elapsed time and throughput over the input's bytes on disk."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def rows(self, bytes_read: int) -> list[tuple[str, Any]]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return [("input", f"{bytes_read / 1e6:,.1f} MB"), ("time", f"{elapsed:,.1f} s"),
+                ("speed", f"{bytes_read / 1e6 / elapsed:,.1f} MB/s")]
+
+
+def print_summary(title: str, rows: list[tuple[str, Any]]) -> None:
+    """A two-column table of counts on stdout."""
+    print(title)
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        value = f"{value:,}" if isinstance(value, int) else value
+        print(f"  {name:<{width}}  {value}")
+
+
+def run_tool(body: Callable[[], None]) -> int:
+    """Run a tool's body; a user's mistake (bad input, missing file, bad flag value, full disk)
+    becomes one 'error:' line and exit status 2, Ctrl-C exit status 130. Outputs are written
+    only by a body that finishes. ETUDE_DEBUG=1 shows the traceback instead."""
+    try:
+        body()
+    except KeyboardInterrupt:
+        print("interrupted: no output was written", file=sys.stderr)
+        return 130
+    except (DataError, OSError, ValueError) as exc:
+        if os.environ.get("ETUDE_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
