@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:
@@ -51,27 +51,10 @@ class Chat:
         self.stop_ids = (tokenizer.im_end_id, tokenizer.eos_id)
 
     def prompt_ids(self, messages: list[dict]) -> tuple[list[int], str | None]:
-        """Ids of the conversation plus the generation prompt, fitted to the context: the
-        oldest non-system turns go first; a single message that is still too long keeps its
-        end. Returns the ids and a note saying what was dropped (None if nothing)."""
-        validate_messages(messages)
-        context = self.model.config.max_seq_len
-        room = context - min(self.max_new_tokens, context // 2)
-        system = [m for m in messages[:1] if m["role"] == "system"]
-        turns = messages[len(system):]
-        dropped = 0
-        while True:
-            ids, _ = self.tokenizer.render_chat(system + turns, add_generation_prompt=True)
-            if len(ids) <= room or len(turns) <= 1:
-                break
-            turns = turns[1:]
-            dropped += 1
-        note = f"dropped the {dropped} oldest message(s) to fit the {context}-token context" if dropped else None
-        if len(ids) > room:
-            ids = ids[-room:]
-            note = (f"the prompt is longer than the {context}-token context; "
-                    f"kept its last {room} tokens")
-        return ids, note
+        """Ids of the conversation plus the generation prompt, fitted to the context (see
+        fit_to_context)."""
+        return fit_to_context(messages, lambda m: self.tokenizer.render_chat(m, add_generation_prompt=True)[0],
+                              self.model.config.max_seq_len, self.max_new_tokens)
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
         """Yield the answer's text piece by piece as tokens are generated."""
@@ -104,6 +87,31 @@ class Chat:
                                             pad_id=self.tokenizer.pad_id, generator=self.generator,
                                             **self.sampling)
         return [self.tokenizer.decode([t for t in out if t not in self.stop_ids]) for out in outputs]
+
+
+def fit_to_context(messages: list[dict], render: Callable[[list[dict]], list[int]], context: int,
+                   max_new_tokens: int) -> tuple[list[int], str | None]:
+    """Ids of the conversation plus the generation prompt (`render` makes them), fitted to the
+    context with room to answer: the oldest non-system turns go first; a single message that is
+    still too long keeps its end. Returns the ids and a note saying what was dropped (None if
+    nothing). Shared with inference/hf.py, so both programs trim a history alike."""
+    validate_messages(messages)
+    room = context - min(max_new_tokens, context // 2)
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    dropped = 0
+    while True:
+        ids = render(system + turns)
+        if len(ids) <= room or len(turns) <= 1:
+            break
+        turns = turns[1:]
+        dropped += 1
+    note = f"dropped the {dropped} oldest message(s) to fit the {context}-token context" if dropped else None
+    if len(ids) > room:
+        ids = ids[-room:]
+        note = (f"the prompt is longer than the {context}-token context; "
+                f"kept its last {room} tokens")
+    return ids, note
 
 
 class StreamDecoder:
@@ -254,10 +262,12 @@ def interactive(chat: Chat, system: str | None) -> None:
         history.append({"role": "assistant", "content": "".join(pieces)})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str = __doc__,
+                 model_help: str = f"model folder (default {SFT_DIR}, else {PRETRAINED_DIR})") -> argparse.ArgumentParser:
+    """The chat flags; inference/hf.py shares them with its own description and --model."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--model", help=f"model folder (default {SFT_DIR}, else {PRETRAINED_DIR})")
+    add("--model", help=model_help)
     add("--prompt", help="answer this one message and exit")
     add("--input", help="JSONL of prompts to answer in batches")
     add("--output", help="where batch answers go (default: standard output)")
@@ -275,8 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None,
+         make_chat: Callable[[argparse.Namespace], Chat] = build_chat) -> int:
+    """Parse the flags, build the chat and run it one-shot, batch or interactive. inference/hf.py
+    runs the same program with its own parser and a transformers-backed chat."""
+    args = (parser or build_parser()).parse_args(argv)
     if args.prompt is not None and not args.prompt.strip():
         print("error: --prompt is empty; give the message to answer", file=sys.stderr)
         return 2
@@ -284,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --batch-size and --max-new-tokens must be positive", file=sys.stderr)
         return 2
     try:
-        chat = build_chat(args)
+        chat = make_chat(args)
         if args.input:
             run_batch(chat, args)
         elif args.prompt is not None:
