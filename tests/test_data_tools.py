@@ -285,6 +285,11 @@ def test_cut_txt_tokens(tmp_path, tiny_tokenizer_dir):
     assert max(len(tokenizer.encode(s)) for s in samples) <= 24
     assert re.sub(r"\s+", "", "".join(samples)) == re.sub(r"\s+", "", text)
     assert len(samples) > len(run_cut_txt(tmp_path, text, "--max-chars", "2000"))
+    # runs without a sentence end or a space, where a cut may fall inside a multi-token character
+    text = "很长的中文句子没有标点符号" * 40 + "\n\n" + "word" * 300 + "\n"
+    samples = run_cut_txt(tmp_path, text, "--max-tokens", "16", "--tokenizer", str(tiny_tokenizer_dir))
+    assert max(len(tokenizer.encode(s)) for s in samples) <= 16 and len(samples) > 40
+    assert re.sub(r"\s+", "", "".join(samples)) == re.sub(r"\s+", "", text)
 
 
 def test_cut_txt_bad_bytes_crlf_and_gzip(tmp_path, capsys):

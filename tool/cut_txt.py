@@ -38,7 +38,8 @@ from tool.textio import (COMPRESSED_ERRORS, PROGRESS_EVERY, BadLines, DataError,
 
 DEFAULT_MAX_CHARS = 2000
 LINE_CHUNK = 1 << 20      # lines are read in pieces of at most this many bytes
-MEASURE_BATCH = 4096      # sentences tokenized per call in token mode
+MEASURE_BATCH = 4096      # most sentences tokenized per call in token mode
+MEASURE_BATCH_CHARS = 1 << 18  # and most characters: encodings take ~100 bytes per token
 PARAGRAPH_JOIN = "\n\n"
 # A sentence ends after . ! ? followed by white space, or after 。！？; closing quotes and
 # brackets stay with the sentence they close. White space goes with the sentence that follows,
@@ -65,10 +66,19 @@ class Measure:
         return [len(text) for text in texts]
 
     def longest_prefix(self, text: str, limit: int) -> int:
-        """The largest k such that text[:k] measures at most `limit`."""
+        """The largest k (or nearly: a token boundary) such that text[:k] measures at most `limit`."""
         if not self.tokenizer:
             return min(limit, len(text))
-        low, high = 0, min(len(text), limit * self.longest_token)
+        high = min(len(text), limit * self.longest_token)
+        ids = self.tokenizer.encode(text[:high])
+        if len(ids) <= limit:
+            return high
+        # The text of the first `limit` tokens is the guess; a prefix can tokenize differently at
+        # its end, so check it, and search below it only when it does not fit.
+        guess = self.tokenizer.decode(ids[:limit]).rstrip("\ufffd")  # no half character at the end
+        if text.startswith(guess) and self.size(guess) <= limit:
+            return len(guess)
+        low, high = 0, len(guess) if text.startswith(guess) else high
         while low < high:
             middle = (low + high + 1) // 2
             if self.size(text[:middle]) <= limit:
@@ -199,10 +209,18 @@ class Packer:
             if starts and self.size_of(self.items[:starts[-1]]) * 2 >= self.limit:
                 n = starts[-1]
         head, rest = self.items[:n], self.items[n:]
-        if self.measure.tokenizer:  # token counts add up only nearly: check the real one
-            while len(head) > self.n_overlap + 1 and self.measure.size(render(head)) > self.limit:
-                rest.insert(0, head.pop())
-        self.emit(head[self.n_overlap:] if self.measure.size(render(head)) > self.limit else head)
+        text = render(head)
+        size = self.measure.size(text) if self.measure.tokenizer else len(text)
+        # Token counts of pieces add up only nearly to the count of their concatenation: move
+        # sentences back to the next sample until the real count fits, or drop the overlap.
+        while size > self.limit and len(head) > self.n_overlap + 1:
+            rest.insert(0, head.pop())
+            text = render(head)
+            size = self.measure.size(text)
+        if size > self.limit and self.n_overlap:
+            text = render(head[self.n_overlap:])
+            size = self.measure.size(text)
+        self.emit(text, size)
         tail: list[tuple[str, int, bool]] = []
         for item in reversed(head):
             if self.size_of([item] + tail) > self.overlap:
@@ -211,9 +229,10 @@ class Packer:
         self.items, self.n_overlap = tail + rest, len(tail)
         self.size = self.size_of(self.items)
 
-    def emit(self, items: list[tuple[str, int, bool]]) -> None:
-        text = render(items)
-        for piece in hard_split(text, self.limit, self.measure) if self.measure.tokenizer else [text]:
+    def emit(self, text: str, size: int) -> None:
+        """Write a rendered sample of `size`; one that still does not fit (a lone piece whose
+        count grew when joined) is cut to fit."""
+        for piece in hard_split(text, self.limit, self.measure) if size > self.limit else [text]:
             if piece.strip():
                 self.write(piece.strip())
                 self.samples += 1
@@ -221,7 +240,8 @@ class Packer:
     def finish(self) -> None:
         """Write out what is left (unless it is only text repeated from the last sample)."""
         if len(self.items) > self.n_overlap:
-            self.emit(self.items)
+            text = render(self.items)
+            self.emit(text, self.measure.size(text))
         self.items, self.size, self.n_overlap = [], 0, 0
 
 
@@ -235,19 +255,26 @@ def render(items: list[tuple[str, int, bool]]) -> str:
     return "".join(parts).strip()
 
 
-def measured(stream: Iterator[tuple[str, bool]], measure: Measure) -> Iterator[tuple[str, int, bool]]:
-    """Sentences with their sizes, measured in batches (one tokenizer call per batch)."""
+def measured(stream: Iterator[tuple[str, bool]], measure: Measure, limit: int) -> Iterator[tuple[str, int, bool]]:
+    """Sentences with their sizes, measured in batches (one tokenizer call per batch). A sentence
+    with more characters than `limit` tokens can cover is not measured: it gets size limit + 1,
+    which sends it to hard_split, where it is measured piece by piece."""
+    certainly_over = limit * measure.longest_token
     batch: list[tuple[str, bool]] = []
     while True:
         batch.clear()
+        chars = 0
         for item in stream:
             batch.append(item)
-            if len(batch) == MEASURE_BATCH:
+            chars += len(item[0])
+            if len(batch) == MEASURE_BATCH or chars >= MEASURE_BATCH_CHARS:
                 break
         if not batch:
             return
-        for (text, starts_paragraph), size in zip(batch, measure.sizes([text for text, _ in batch])):
-            yield text, size, starts_paragraph
+        short = [text for text, _ in batch if len(text) <= certainly_over]
+        sizes = iter(measure.sizes(short))
+        for text, starts_paragraph in batch:
+            yield text, (next(sizes) if len(text) <= certainly_over else limit + 1), starts_paragraph
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 for path in args.inputs:
                     with Reader(path, progress=not args.no_progress) as reader:
                         for text, piece_size, starts_paragraph in measured(
-                                sentences(reader, bad, limit * measure.longest_token), measure):
+                                sentences(reader, bad, limit * measure.longest_token), measure, limit):
                             packer.add(text, piece_size, starts_paragraph)
                         packer.finish()
                         size += reader.size

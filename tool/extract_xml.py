@@ -70,9 +70,9 @@ MAGIC_WORD = re.compile(r"__[A-Z]+__")
 HEADING = re.compile(r"^(={1,6})\s*(.*?)\s*\1\s*$")
 LIST_MARK = re.compile(r"^[*#:;]+\s*")
 SPACES = re.compile(r"[ \t\u00a0\u3000]+")
-EMPTY_PARENS = re.compile(r"\(\s*[,;，；、]?\s*\)|（\s*[,;，；、]?\s*）")
+EMPTY_PARENS = re.compile(r"\( *[,;，；、]? *\)|（ *[,;，；、]? *）")
 # "(; French)" after a template that opened the brackets was removed -> "(French)"
-PUNCT_AFTER_PAREN = re.compile(r"([(（])\s*[,;，；、]+\s*")
+PUNCT_AFTER_PAREN = re.compile(r"([(（]) *[,;，；、]+ *")
 SPACE_BEFORE_PUNCT = re.compile(r" +([,.;:，。；：、])")
 WORD = re.compile(r"\w")
 REDIRECT = re.compile(r"\s*#\s*(?:redirect|重定向)", re.I)
@@ -176,19 +176,22 @@ def clean_wikitext(text: str, dropped_prefixes: set[str]) -> str:
     text = html.unescape(text)
     text = BOLD_ITALIC.sub("", text)
     text = MAGIC_WORD.sub("", text)
+    # the rest works within lines, but one pass over the whole text is cheaper than one per line
+    text = SPACES.sub(" ", text)
+    text = EMPTY_PARENS.sub("", text)
+    text = PUNCT_AFTER_PAREN.sub(r"\1", text)
+    text = SPACE_BEFORE_PUNCT.sub(r"\1", text)
     lines: list[tuple[int, str]] = []
     for line in text.split("\n"):
-        heading = HEADING.match(line)
+        heading = HEADING.match(line) if line.startswith("=") else None
         level = len(heading.group(1)) if heading else 0
         if heading:
             line = heading.group(2)
         elif line.lstrip().startswith(("|", "!", "----")):  # table rows left by a broken table, rules
             continue
-        line = LIST_MARK.sub("", line)
-        line = SPACES.sub(" ", line)
-        line = EMPTY_PARENS.sub("", line)
-        line = PUNCT_AFTER_PAREN.sub(r"\1", line)
-        line = SPACE_BEFORE_PUNCT.sub(r"\1", line).strip()
+        if line[:1] in ("*", "#", ":", ";"):
+            line = LIST_MARK.sub("", line)
+        line = line.strip()
         if WORD.search(line):
             lines.append((level, line))
     return "\n".join(drop_empty_sections(lines))

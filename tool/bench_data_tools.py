@@ -1,0 +1,269 @@
+"""Benchmark the data tools on large generated inputs: throughput and peak memory of each.
+
+    python tool/bench_data_tools.py                      # ~520 MB per input, in /tmp/etude_bench_data
+    python tool/bench_data_tools.py --size-mb 100 --clean
+
+Generates (once; later runs reuse them) a MediaWiki XML dump, a plain-text book, a pretraining
+JSONL (5% exact duplicates) and a mixed-format SFT JSONL, each of --size-mb, then runs every tool
+on them in its own subprocess and prints, per run: input MB, seconds, MB/s and the peak resident
+memory of the tool's process (ru_maxrss from os.wait4, i.e. the kernel's high-water mark).
+cut_jsonl runs with and without --dedup (no shuffle, so that nothing else differs), and the
+difference gives the memory that the duplicate filter holds per million lines. With a tokenizer in weight/tokenizer/, cut_txt's token
+mode runs too, on the first --token-mb of the book.
+
+Exits 1 when a tool fails or its peak memory passes --max-rss-mb (default 300).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from config import ROOT, TOKENIZER_DIR
+
+WORDS = ("the of and a to in is was for on that with as by at from his an were are which this be also has had "
+         "first one their its new after who they two her she been other when there all during into school time "
+         "may years more most only over city three up some world would where later city river music team").split()
+HANZI = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情者最立代想已通并提直题党程展五果料象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计别她手角期根论运农指几九区强放决西被干做必战先回则任取据处队南给色光门即保治北造百规热领七海口东导器压志世金增争济阶油思术极交受联什认六共权收证改清己美再采转更单风切打白教速花带安场身车例真务具万每目至达走积示议声报斗完类八离华名确才科张信马节话米整空元况今集温传土许步群广石记需段研界拉林律叫且究观越织装影算低持音众书布复容儿须际商非验连断深难近矿千周委素技备半办青省列习响约支般史感劳便团往酸历市克何除消构府称太准精值号率族维划选标写存候毛亲快效斯院查江型眼王按格养易置派层片始却专状育厂京识适属圆包火住调满县局照参红细引听该铁价严龙飞"
+PAGE = """{{{{Infobox settlement|name={title}|population={{{{formatnum:{n}}}}}|note={{{{small|{{{{nowrap|({n})}}}}}}}}}}}}
+'''{title}''' {s0}<ref name="r{n}">{{{{cite web|url=https://example.org/{n}|title={s1}}}}}</ref> {s2} [[{w0}|{w1}]] {s3}<!-- editor note -->
+[[File:Picture {n}.jpg|thumb|{s4} [[{w2}]]]]
+
+== {w0} ==
+{s5}{{{{sfn|Author|2001|p={n}}}}} {s6} [https://example.org/{n} {w1}] {s7}
+{{| class="wikitable"
+|-
+! {w0} !! {w1}
+|-
+| {{{{formatnum:{n}}}}} || {w2}
+|}}
+* {s8}
+* {s9}
+
+== References ==
+{{{{Reflist}}}}
+
+[[Category:{w1}]]
+"""
+
+
+def sentences(rng: random.Random, count: int) -> list[str]:
+    out = []
+    for _ in range(count):
+        if rng.random() < 0.25:
+            out.append("".join(rng.choice(HANZI) for _ in range(rng.randint(8, 40))) + rng.choice("。！？"))
+        else:
+            out.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 28))).capitalize() + rng.choice(".!?"))
+    return out
+
+
+class ChunkWriter:
+    """Appends text to a file in large writes until the file reaches `target` bytes."""
+
+    def __init__(self, path: Path, target: int):
+        self.handle, self.target, self.size, self.parts, self.pending = open(path, "wb"), target, 0, [], 0
+
+    def add(self, text: str) -> bool:
+        data = text.encode("utf-8")
+        self.parts.append(data)
+        self.pending += len(data)
+        if self.pending >= 8 << 20:
+            self.flush()
+        return self.size + self.pending < self.target
+
+    def flush(self) -> None:
+        self.handle.write(b"".join(self.parts))
+        self.size += self.pending
+        self.parts, self.pending = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.handle.close()
+
+
+def generate(path: Path, target: int, kind: str) -> None:
+    """One benchmark input of about `target` bytes (kept for later runs)."""
+    if path.exists() and path.stat().st_size >= target:
+        return
+    print(f"generating {path} ({target / 1e6:,.0f} MB)", flush=True)
+    rng = random.Random(kind)
+    pool = sentences(rng, 20000)
+    tmp = path.with_suffix(path.suffix + ".part")
+    writer = ChunkWriter(tmp, target)
+    i = 0
+    if kind == "xml":
+        writer.add('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.11/" version="0.11" xml:lang="en">\n'
+                   '<siteinfo><sitename>Bench</sitename><namespaces><namespace key="0" />'
+                   '<namespace key="6">File</namespace><namespace key="14">Category</namespace>'
+                   '</namespaces></siteinfo>\n')
+        bodies = [escape(PAGE.format(title="{title}", n=n, w0=rng.choice(WORDS), w1=rng.choice(WORDS),
+                                     w2=rng.choice(WORDS), **{f"s{k}": rng.choice(pool) for k in range(10)}))
+                  for n in range(2000)]
+        while True:
+            title = f"Page {i}"
+            if i % 10 == 9:
+                text, ns = f"#REDIRECT [[Page {i - 1}]]", 0
+            else:
+                text, ns = bodies[i % len(bodies)].replace("{title}", title), 1 if i % 20 == 7 else 0
+            more = writer.add(f"<page><title>{title}</title><ns>{ns}</ns><id>{i}</id><revision><id>{i}</id>"
+                              f'<text xml:space="preserve">{text}</text></revision></page>\n')
+            i += 1
+            if not more:
+                break
+        writer.add("</mediawiki>\n")
+    elif kind == "txt":
+        while writer.add(" ".join(rng.choice(pool) for _ in range(rng.randint(1, 12))) + "\n\n"):
+            i += 1
+            if i == 50000:  # one 8 MB line without a sentence end: held text must stay bounded
+                writer.add(" ".join(rng.choice(WORDS) for _ in range(1_600_000)) + "\n\n")
+    elif kind == "jsonl":
+        recent: list[str] = []
+        while True:
+            if i % 20 == 19:
+                line = rng.choice(recent)  # an exact duplicate
+            else:
+                line = json.dumps({"text": " ".join(rng.choice(pool) for _ in range(rng.randint(2, 10))) + f" #{i}"},
+                                  ensure_ascii=False)
+                recent = (recent + [line])[-1000:]
+            i += 1
+            if not writer.add(line + "\n"):
+                break
+    elif kind == "sft":
+        while True:
+            q, a = rng.choice(pool), " ".join(rng.choice(pool) for _ in range(rng.randint(1, 6)))
+            shape = i % 4
+            if shape == 0:
+                record = {"instruction": q, "input": rng.choice(pool) if i % 3 else "", "output": a}
+            elif shape == 1:
+                record = {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a},
+                                            {"from": "human", "value": rng.choice(pool)},
+                                            {"from": "gpt", "value": rng.choice(pool)}]}
+            elif shape == 2:
+                record = {"messages": [{"role": "system", "content": "You are helpful."},
+                                       {"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            else:
+                record = {"question": q, "answer": a}
+            i += 1
+            if not writer.add(json.dumps(record, ensure_ascii=False) + "\n"):
+                break
+    writer.close()
+    tmp.replace(path)
+
+
+def status_kb(pid: int | str, field: str) -> int:
+    """A memory field (VmRSS, VmHWM) of /proc/<pid>/status in kB; 0 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def measure(name: str, command: list[str], input_bytes: int, log: Path) -> dict:
+    """Run one tool; its wall time and peak resident memory, two ways: ru_maxrss of that child
+    (os.wait4), which on Linux also counts what the child inherited at fork from this process (so
+    it can only overstate), and VmHWM polled from /proc every 50 ms (can miss only a final spike)."""
+    print(f"running {name}: {' '.join(command[1:])}", flush=True)
+    start = time.perf_counter()
+    polled = 0
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            polled = max(polled, status_kb(process.pid, "VmHWM"))
+            time.sleep(0.05)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    return {"name": name, "rc": process.returncode, "mb": input_bytes / 1e6, "seconds": seconds,
+            "mb_per_s": input_bytes / 1e6 / seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "polled_hwm_mb": polled / 1024, "log": str(log)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=int, default=520, help="size of each generated input (default 520)")
+    parser.add_argument("--token-mb", type=int, default=50,
+                        help="MB of the book cut in token mode (0: skip; default 50)")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/etude_bench_data"),
+                        help="where inputs and outputs go (default /tmp/etude_bench_data)")
+    parser.add_argument("--max-rss-mb", type=float, default=300, help="peak memory allowed per tool (default 300)")
+    parser.add_argument("--clean", action="store_true", help="delete the work folder at the end")
+    args = parser.parse_args(argv)
+    work, out = args.work_dir, args.work_dir / "out"
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    target = args.size_mb * 1_000_000
+    inputs = {kind: work / f"bench.{kind if kind != 'sft' else 'sft.jsonl'}" for kind in ("xml", "txt", "jsonl", "sft")}
+    for kind, path in inputs.items():  # in a child, so this process stays small (see measure)
+        subprocess.run([sys.executable, "-c", f"from tool.bench_data_tools import generate; from pathlib import Path; "
+                        f"generate(Path({str(path)!r}), {target}, {kind!r})"], cwd=ROOT, check=True)
+    python, tool = sys.executable, str(ROOT / "tool")
+    runs = [
+        ("extract_xml", [f"{tool}/extract_xml.py", str(inputs["xml"]), "--out", str(out / "wiki.jsonl")], "xml"),
+        ("cut_txt --max-chars 2000 --overlap 200",
+         [f"{tool}/cut_txt.py", str(inputs["txt"]), "--out", str(out / "book.jsonl"), "--overlap", "200"], "txt"),
+        ("cut_jsonl --min-chars 100",
+         [f"{tool}/cut_jsonl.py", str(inputs["jsonl"]), "--out-dir", str(out), "--name", "plain", "--min-chars",
+          "100"], "jsonl"),
+        ("cut_jsonl --min-chars 100 --dedup",
+         [f"{tool}/cut_jsonl.py", str(inputs["jsonl"]), "--out-dir", str(out), "--name", "dedup", "--min-chars",
+          "100", "--dedup"], "jsonl"),
+        ("cut_jsonl --dedup --shuffle --val-fraction 0.01 --shard-lines 200000",
+         [f"{tool}/cut_jsonl.py", str(inputs["jsonl"]), "--out-dir", str(out), "--name", "all", "--dedup",
+          "--shuffle", "--val-fraction", "0.01", "--shard-lines", "200000"], "jsonl"),
+        ("cut_jsonl_sft", [f"{tool}/cut_jsonl_sft.py", str(inputs["sft"]), "--out", str(out / "sft.jsonl")], "sft"),
+    ]
+    if args.token_mb and (TOKENIZER_DIR / "tokenizer.json").is_file():
+        head = work / f"bench.head{args.token_mb}.txt"
+        with open(inputs["txt"], "rb") as source, open(head, "wb") as target_file:
+            for line in source:  # line by line: this process's memory is every child's floor
+                target_file.write(line)
+                if target_file.tell() >= args.token_mb * 1_000_000:
+                    break
+        runs.append((f"cut_txt --max-tokens 512 ({args.token_mb} MB)",
+                     [f"{tool}/cut_txt.py", str(head), "--out", str(out / "book_tokens.jsonl"), "--max-tokens", "512"],
+                     head))
+    results = []
+    for index, (name, command, source) in enumerate(runs):
+        path = inputs[source] if isinstance(source, str) else source
+        results.append(measure(name, [python, *command, "--no-progress"], path.stat().st_size,
+                               out / f"run{index}.log"))
+        print(Path(results[-1]["log"]).read_text(), flush=True)
+
+    print(f"\nthis process: {status_kb('self', 'VmHWM') / 1024:.0f} MB at its peak (the floor of ru_maxrss below)")
+    print(f"{'tool':<66} {'MB':>6} {'s':>6} {'MB/s':>6} {'peak RSS MB':>11} {'VmHWM MB':>9}")
+    failed = False
+    for r in results:
+        over = r["peak_rss_mb"] > args.max_rss_mb or r["rc"] != 0
+        failed |= over
+        print(f"{r['name']:<66} {r['mb']:>6.0f} {r['seconds']:>6.1f} {r['mb_per_s']:>6.1f} {r['peak_rss_mb']:>11.0f} "
+              f"{r['polled_hwm_mb']:>9.0f}" + ("  <- FAILED" if r["rc"] else "  <- over the limit" if over else ""))
+    plain, dedup = results[2], results[3]  # the dedup filter's memory, all else equal
+    lines = sum(1 for _ in open(inputs["jsonl"], "rb"))
+    extra = dedup["polled_hwm_mb"] - plain["polled_hwm_mb"]
+    print(f"\n--dedup: +{extra:.0f} MB peak (VmHWM) for {lines / 1e6:.2f} M lines (~{extra / (lines / 1e6):.0f} MB "
+          "per million lines)")
+    if args.clean:
+        shutil.rmtree(work)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
