@@ -473,6 +473,36 @@ def test_cut_jsonl_sft_system_prompt_and_forced_format(tmp_path, capsys):
     assert f'{source}:1: "instruction" is missing or not a string (keys present: a, q)' in capsys.readouterr().err
 
 
+def test_json_array_files_are_streamed_element_by_element(tmp_path, capsys, monkeypatch):
+    """Alpaca and ShareGPT data often come as one JSON array; read in 5-byte pieces here, so that
+    elements, numbers and multi-byte characters straddle reads."""
+    monkeypatch.setattr("tool.textio.ARRAY_READ_BYTES", 5)
+    records = [SFT_INPUT[0], SFT_INPUT[1], 12345, {"q": "两个字？", "a": "好。"}]
+    source = tmp_path / "alpaca.json"
+    source.write_text(json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert cut_jsonl_sft.main([str(source), "--out", str(out), "--no-progress"]) == 2
+    number_line = json.dumps(records, indent=2).splitlines().index("  12345,") + 1
+    assert f"error: {source}:{number_line}: not a JSON object (got int: 12345)" in capsys.readouterr().err
+    assert cut_jsonl_sft.main([str(source), "--out", str(out), "--skip-bad-lines", "--no-progress"]) == 0
+    assert [r["conversations"] for r in read_jsonl(out)] == SFT_EXPECTED[:2] + [
+        [{"role": "user", "content": "两个字？"}, {"role": "assistant", "content": "好。"}]]
+    # cut_jsonl turns an array into JSONL (compact, one element per line), gzip in
+    packed = tmp_path / "packed.json.gz"
+    packed.write_bytes(gzip.compress(source.read_bytes()))
+    assert cut_jsonl.main([str(packed), "--out-dir", str(tmp_path), "--name", "lines", "--skip-bad-lines",
+                           "--no-progress"]) == 0
+    assert (tmp_path / "lines.jsonl").read_text(encoding="utf-8").splitlines() == [
+        json.dumps(r, ensure_ascii=False) for r in records if isinstance(r, dict)]
+    # an array cut off inside its third element: the first two are kept, the break is reported
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(records[:1] + records[3:] * 2, indent=2, ensure_ascii=False)[:-25], encoding="utf-8")
+    assert cut_jsonl_sft.main([str(broken), "--out", str(out), "--skip-bad-lines", "--no-progress"]) == 0
+    assert len(read_jsonl(out)) == 2
+    assert re.search(rf"{re.escape(str(broken))}:\d+: not valid JSON \(.* in the element starting at line \d+; "
+                     r"the rest of the array cannot be read\)", capsys.readouterr().err)
+
+
 # ---------------------------------------------------------------------------------------------
 # together
 

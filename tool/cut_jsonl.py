@@ -5,7 +5,8 @@
     python tool/cut_jsonl.py chats.jsonl.gz --sample 50000 --seed 1 --out-dir data --name chats --gzip
     python tool/cut_jsonl.py big.jsonl --shard-lines 1000000 --out-dir shards   # big-00000.jsonl, ...
 
-Reads .jsonl (or .jsonl.gz/.bz2/.xz) files; every non-blank line must be a JSON object. Its
+Reads .jsonl (or .jsonl.gz/.bz2/.xz) files, where every non-blank line must be a JSON object,
+and files holding one JSON array of objects (.json, streamed element by element). A line's
 content is the "text" field when it has one, else the messages of "conversations" / "messages"
 (roles and contents), else the whole object. Steps, in this order:
 
@@ -19,7 +20,8 @@ content is the "text" field when it has one, else the messages of "conversations
   --val-fraction / --val-lines   hold out lines (chosen at random) for <name>.val.jsonl
   --shard-lines N             write <name>-00000.jsonl, <name>-00001.jsonl, ... of N lines each
 
-Lines are written exactly as they were read. Without --shuffle the input order is kept. The same
+Lines are written exactly as they were read (array elements as compact JSON, one per line).
+Without --shuffle the input order is kept. The same
 inputs and --seed give the same outputs. Temporary files go to --tmp-dir (default: the output
 folder) and are removed at the end. Outputs appear only when complete (written under temporary
 names, then renamed). A malformed line stops with file:line, or with --skip-bad-lines is skipped
@@ -48,7 +50,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 
 from config import DATA_DIR
 from tool.textio import (PROGRESS_EVERY, BadLines, DataError, Output, Outputs, Reader, Stopwatch, add_common_flags,
-                         base_name, check_not_inputs, compression, iter_json_objects, print_summary, run_tool)
+                         base_name, check_paths, compression, iter_json_objects, print_summary, run_tool)
 
 DEFAULT_SHUFFLE_BUFFER_MB = 64
 MAX_BUCKETS = 256          # open bucket files at once
@@ -151,7 +153,8 @@ class ShardWriter:
     """Writes lines to <name><suffix> or, with shard_lines, to <name>-00000<suffix>, ..."""
 
     def __init__(self, outputs: Outputs, folder: Path, name: str, suffix: str, shard_lines: int | None):
-        self.outputs, self.folder, self.name, self.suffix, self.shard_lines = outputs, folder, name, suffix, shard_lines
+        self.outputs, self.folder, self.name, self.suffix = outputs, folder, name, suffix
+        self.shard_lines = shard_lines
         self.current: Output | None = None
         self.shards = self.lines = 0
 
@@ -168,9 +171,11 @@ class ShardWriter:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="JSONL", help=".jsonl files (.gz/.bz2/.xz too)")
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="JSONL",
+                        help=".jsonl files, or .json files holding one array (.gz/.bz2/.xz too)")
     parser.add_argument("--out-dir", type=Path, default=DATA_DIR, help="where to write (default training_data/)")
-    parser.add_argument("--name", help="output name: <name>.jsonl and <name>.val.jsonl (default: the first input's name)")
+    parser.add_argument("--name",
+                        help="output name: <name>.jsonl and <name>.val.jsonl (default: the first input's name)")
     parser.add_argument("--gzip", action="store_true", help="write .jsonl.gz")
     parser.add_argument("--min-chars", type=int, default=0, help="drop lines whose content is shorter (default 0)")
     parser.add_argument("--max-chars", type=int, help="drop lines whose content is longer")
@@ -194,7 +199,8 @@ def check_args(args: argparse.Namespace) -> None:
     problems = []
     for flag, value, low in (("--min-chars", args.min_chars, 0), ("--max-chars", args.max_chars, 0),
                              ("--sample", args.sample, 1), ("--val-lines", args.val_lines, 0),
-                             ("--shard-lines", args.shard_lines, 1), ("--shuffle-buffer-mb", args.shuffle_buffer_mb, 1)):
+                             ("--shard-lines", args.shard_lines, 1),
+                             ("--shuffle-buffer-mb", args.shuffle_buffer_mb, 1)):
         if value is not None and value < low:
             problems.append(f"{flag} must be >= {low}, got {value}")
     if args.max_chars is not None and args.max_chars < args.min_chars:
@@ -205,6 +211,51 @@ def check_args(args: argparse.Namespace) -> None:
         raise DataError("; ".join(problems))
 
 
+def read_inputs(args: argparse.Namespace, spill: Spill, bad: BadLines, counts: dict[str, int]) -> int:
+    """First pass: every line that passes the filters goes to `spill`. Returns the bytes read."""
+    seen: set[bytes] = set()  # digests of the contents kept so far, for --dedup
+    size = 0
+    for path in args.inputs:
+        with Reader(path, progress=not args.no_progress) as reader:
+            for _, raw, obj in iter_json_objects(reader, bad):
+                counts["lines read"] += 1
+                length = content_length(obj)
+                if length < args.min_chars:
+                    counts["dropped: shorter than --min-chars"] += 1
+                    continue
+                if args.max_chars is not None and length > args.max_chars:
+                    counts["dropped: longer than --max-chars"] += 1
+                    continue
+                if args.dedup:
+                    digest = hashlib.blake2b(content(obj).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+                    if digest in seen:
+                        counts["dropped: duplicate"] += 1
+                        continue
+                    seen.add(digest)
+                spill.add(raw)
+            size += reader.size
+    return size
+
+
+def write_outputs(args: argparse.Namespace, spill: Spill, train: ShardWriter, val: ShardWriter, kept: int,
+                  n_val: int) -> None:
+    """Second pass: the spilled lines, in order or shuffled; `kept` of them chosen at random, of
+    which `n_val` go to validation."""
+    sampled = select(spill.lines, kept, spill.rng)
+    held_out = select(kept, n_val, spill.rng)
+    bar = tqdm(total=spill.bytes, unit="B", unit_scale=True, desc="writing", file=sys.stderr,
+               disable=args.no_progress, mininterval=0.5, leave=False)
+    since_tick = 0
+    for line in spill.lines_in_order(args.shuffle, args.shuffle_buffer_mb << 20):
+        if next(sampled):
+            (val if next(held_out) else train).write(line)
+        since_tick += len(line) + 1
+        if since_tick >= PROGRESS_EVERY:
+            bar.update(since_tick)
+            since_tick = 0
+    bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -213,49 +264,25 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or base_name(args.inputs[0])
         suffix = ".jsonl.gz" if args.gzip else ".jsonl"
         folder = args.out_dir
-        for path in args.inputs:
-            if not path.is_file():
-                raise FileNotFoundError(f"input file not found: {path}")
-        check_not_inputs([folder / f"{name}{suffix}", folder / f"{name}.val{suffix}",
-                          folder / f"{name}-00000{suffix}"], args.inputs)
+        check_paths(args.inputs, [folder / f"{name}{suffix}", folder / f"{name}.val{suffix}",
+                                  folder / f"{name}-00000{suffix}"])
         folder.mkdir(parents=True, exist_ok=True)
         watch, bad = Stopwatch(), BadLines(args.skip_bad_lines, args.rejects)
         counts = {"lines read": 0, "dropped: shorter than --min-chars": 0, "dropped: longer than --max-chars": 0,
                   "dropped: duplicate": 0}
-        seen: set[bytes] = set()
-        buffer_bytes = args.shuffle_buffer_mb << 20
+        # Buckets of about half the shuffle buffer each, from a guess at the input's size (a
+        # bucket that turns out larger is spread again when it is read).
         input_bytes = sum(p.stat().st_size * (COMPRESSION_RATIO if compression(p) else 1) for p in args.inputs)
+        buffer_bytes = args.shuffle_buffer_mb << 20
         n_buckets = min(max(math.ceil(input_bytes / buffer_bytes) * 2, 1), MAX_BUCKETS) if args.shuffle else 1
-        rng = random.Random(f"etude-cut-jsonl:{args.seed}")
-        size = 0
         print(f"cutting {', '.join(map(str, args.inputs))} -> {folder}/{name}*{suffix}")
         try:
             with tempfile.TemporaryDirectory(prefix=".cut_jsonl-", dir=args.tmp_dir or folder) as tmp:
-                spill = Spill(Path(tmp), n_buckets, rng)
+                spill = Spill(Path(tmp), n_buckets, random.Random(f"etude-cut-jsonl:{args.seed}"))
                 try:
-                    for path in args.inputs:
-                        with Reader(path, progress=not args.no_progress) as reader:
-                            for _, raw, obj in iter_json_objects(reader, bad):
-                                counts["lines read"] += 1
-                                length = content_length(obj)
-                                if length < args.min_chars:
-                                    counts["dropped: shorter than --min-chars"] += 1
-                                    continue
-                                if args.max_chars is not None and length > args.max_chars:
-                                    counts["dropped: longer than --max-chars"] += 1
-                                    continue
-                                if args.dedup:
-                                    digest = hashlib.blake2b(content(obj).encode("utf-8", "surrogatepass"),
-                                                             digest_size=16).digest()
-                                    if digest in seen:
-                                        counts["dropped: duplicate"] += 1
-                                        continue
-                                    seen.add(digest)
-                                spill.add(raw)
-                            size += reader.size
+                    size = read_inputs(args, spill, bad, counts)
                 finally:
                     spill.close()
-                seen.clear()
                 kept = min(args.sample, spill.lines) if args.sample else spill.lines
                 n_val = args.val_lines if args.val_lines is not None else round(kept * (args.val_fraction or 0))
                 if n_val > kept:
@@ -264,19 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                 with Outputs() as outputs:
                     train = ShardWriter(outputs, folder, name, suffix, args.shard_lines)
                     val = ShardWriter(outputs, folder, f"{name}.val", suffix, args.shard_lines)
-                    sampled = select(spill.lines, kept, rng)
-                    held_out = select(kept, n_val, rng)
-                    bar = tqdm(total=spill.bytes, unit="B", unit_scale=True, desc="writing", file=sys.stderr,
-                               disable=args.no_progress, mininterval=0.5, leave=False)
-                    since_tick = 0
-                    for line in spill.lines_in_order(args.shuffle, buffer_bytes):
-                        if next(sampled):
-                            (val if next(held_out) else train).write(line)
-                        since_tick += len(line) + 1
-                        if since_tick >= PROGRESS_EVERY:
-                            bar.update(since_tick)
-                            since_tick = 0
-                    bar.close()
+                    write_outputs(args, spill, train, val, kept, n_val)
                     if not train.lines:  # an empty file says "nothing was left" better than none
                         outputs.open(train.path(0 if args.shard_lines else None))
         finally:

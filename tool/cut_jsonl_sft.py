@@ -5,7 +5,9 @@
     python tool/cut_jsonl_sft.py sharegpt.jsonl.gz --skip-bad-lines --rejects dropped.txt
     python tool/cut_jsonl_sft.py qa.jsonl --system "You are a helpful assistant." --out training_data/qa_sft.jsonl
 
-Each line's shape is recognised on its own (--format forces one):
+Reads .jsonl files, or .json files holding one JSON array (as Alpaca and ShareGPT data are often
+shipped; streamed element by element), compressed or not. Each record's shape is recognised on
+its own (--format forces one):
 
   alpaca    {"instruction", "input" (optional), "output", "system" (optional),
              "history": [[question, answer], ...] (optional, earlier turns)}
@@ -40,7 +42,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.tokenizer import validate_messages
-from tool.textio import (BadLines, DataError, Outputs, Reader, Stopwatch, add_common_flags, check_not_inputs,
+from tool.textio import (BadLines, DataError, Outputs, Reader, Stopwatch, add_common_flags, check_paths,
                          default_output, iter_json_objects, print_summary, run_tool)
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai", "etude", "qa")
@@ -215,7 +217,8 @@ def check_turns(messages: list[dict[str, str]]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="JSONL", help=".jsonl files (.gz/.bz2/.xz too)")
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="JSONL",
+                        help=".jsonl files, or .json files holding one array (.gz/.bz2/.xz too)")
     parser.add_argument("--out", type=Path, help="the JSONL to write (.jsonl or .jsonl.gz); "
                                                  "default training_data/<input name>.sft.jsonl")
     parser.add_argument("--format", choices=FORMATS, default="auto",
@@ -232,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.system is not None and not args.system.strip():
             raise DataError("--system is empty; give the system prompt text, or leave the flag out")
         out = args.out or default_output(args.inputs[0], ".sft.jsonl")
-        check_not_inputs([out], args.inputs)
-        for path in args.inputs:
-            if not path.is_file():
-                raise FileNotFoundError(f"input file not found: {path}")
+        check_paths(args.inputs, [out])
         print(f"converting {', '.join(map(str, args.inputs))} ({args.format}) -> {out}")
         watch, bad = Stopwatch(), BadLines(args.skip_bad_lines, args.rejects)
         formats, fixes = Counter(), Counter()

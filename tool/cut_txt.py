@@ -33,14 +33,15 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import TOKENIZER_DIR
-from tool.textio import (COMPRESSED_ERRORS, PROGRESS_EVERY, BadLines, DataError, Outputs, Reader, Stopwatch,
-                         add_common_flags, check_not_inputs, default_output, print_summary, run_tool)
+from tool.textio import (COMPRESSED_ERRORS, BadLines, DataError, Outputs, Reader, Stopwatch, add_common_flags,
+                         check_paths, default_output, print_summary, run_tool)
 
 DEFAULT_MAX_CHARS = 2000
 LINE_CHUNK = 1 << 20      # lines are read in pieces of at most this many bytes
 MEASURE_BATCH = 4096      # most sentences tokenized per call in token mode
 MEASURE_BATCH_CHARS = 1 << 18  # and most characters: encodings take ~100 bytes per token
 PARAGRAPH_JOIN = "\n\n"
+RUN_CUTS = "cuts in runs of text without a sentence end"
 # A sentence ends after . ! ? followed by white space, or after 。！？; closing quotes and
 # brackets stay with the sentence they close. White space goes with the sentence that follows,
 # so that a token count of the pieces adds up to the count of their concatenation.
@@ -53,7 +54,8 @@ class Measure:
     def __init__(self, tokenizer=None):
         self.tokenizer = tokenizer
         self.unit = "tokens" if tokenizer else "characters"
-        # The longest token in characters: n tokens never cover more than n * this many.
+        # The longest token in bytes, so at least in characters: n tokens never cover more than
+        # n * this many characters.
         self.longest_token = max(tokenizer.token_bytes()) if tokenizer else 1
         self.join = self.size(PARAGRAPH_JOIN)
 
@@ -106,22 +108,16 @@ def text_lines(reader: Reader, bad: BadLines) -> Iterator[tuple[str, bool]]:
     """(text, whole) pieces of the lines of `reader`: a line longer than LINE_CHUNK comes in
     pieces, `whole` is True on a line's last piece (which holds its newline)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    lineno = since_tick = 0
+    lineno = 0
     dropping = False  # the rest of a line that was not UTF-8
     while True:
         try:
-            raw = reader.stream.readline(LINE_CHUNK)
+            raw = reader.readline(LINE_CHUNK)
         except COMPRESSED_ERRORS as exc:
-            bad(reader.path, lineno + 1, "compressed data is corrupt or cut off",
-                f"{exc}; nothing after this point can be read; re-download or re-compress the file")
-            return
+            return bad.cut_off(reader.path, lineno + 1, exc)
         if not raw:
             return
         whole = raw.endswith(b"\n")
-        since_tick += len(raw)
-        if since_tick >= PROGRESS_EVERY:
-            reader.tick()
-            since_tick = 0
         if not dropping:
             try:
                 text = decoder.decode(raw, final=whole)
@@ -138,9 +134,10 @@ def text_lines(reader: Reader, bad: BadLines) -> Iterator[tuple[str, bool]]:
             yield (text[:-2] + "\n" if whole and text.endswith("\r\n") else text), whole
 
 
-def sentences(reader: Reader, bad: BadLines, cap: int) -> Iterator[tuple[str, bool]]:
+def sentences(reader: Reader, bad: BadLines, cap: int, counts: dict[str, int]) -> Iterator[tuple[str, bool]]:
     """(sentence, starts a paragraph) for the text of `reader`. Held text never exceeds `cap`
-    characters plus one line piece: a longer run without a sentence end is let out at a space."""
+    characters plus one line piece: a longer run without a sentence end is let out at a space
+    (counted in counts[RUN_CUTS])."""
     pending, new_paragraph, line_start = "", True, True
     for text, whole in text_lines(reader, bad):
         if line_start and whole and not text.strip():  # a blank line ends the paragraph
@@ -162,6 +159,7 @@ def sentences(reader: Reader, bad: BadLines, cap: int) -> Iterator[tuple[str, bo
             space = pending.rfind(" ", cap // 2, cap)
             cut = space if space > 0 else cap
             yield pending[:cut], new_paragraph
+            counts[RUN_CUTS] += 1
             new_paragraph = False
             pending = pending[cut:]
     if pending.strip():
@@ -313,15 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.min_size < 0:
             raise DataError(f"--min-size must be >= 0, got {args.min_size}")
         out = args.out or default_output(args.inputs[0], ".jsonl")
-        check_not_inputs([out], args.inputs)
-        for path in args.inputs:
-            if not path.is_file():
-                raise FileNotFoundError(f"input file not found: {path}")
+        check_paths(args.inputs, [out])
         measure = Measure(tokenizer)
         print(f"cutting {', '.join(map(str, args.inputs))} into samples of at most {limit:,} {measure.unit}"
               + (f", overlap {args.overlap:,}" if args.overlap else "") + f" -> {out}")
         watch, bad = Stopwatch(), BadLines(args.skip_bad_lines, args.rejects)
-        counts = {"samples written": 0, "samples dropped (--min-size)": 0}
+        counts = {"samples written": 0, "samples dropped (--min-size)": 0, RUN_CUTS: 0}
         size = 0
         try:
             with Outputs() as outputs:
@@ -338,13 +333,13 @@ def main(argv: list[str] | None = None) -> int:
                 for path in args.inputs:
                     with Reader(path, progress=not args.no_progress) as reader:
                         for text, piece_size, starts_paragraph in measured(
-                                sentences(reader, bad, limit * measure.longest_token), measure, limit):
+                                sentences(reader, bad, limit * measure.longest_token, counts), measure, limit):
                             packer.add(text, piece_size, starts_paragraph)
                         packer.finish()
                         size += reader.size
         finally:
             bad.close()
-        counts["sentences cut for being longer than a sample"] = packer.hard_cuts
+        counts["sentences longer than a sample, cut"] = packer.hard_cuts
         print_summary(f"wrote {out}", list(counts.items()) + bad.summary_rows() + watch.rows(size))
 
     return run_tool(body)

@@ -19,9 +19,10 @@ Writes --out (default training_data/<dump name>.jsonl, or .jsonl.gz), atomically
 counts at the end. Feed it to `python tool/prepare_data.py --pretrain FILE`, or to
 `python tool/cut_jsonl.py` first to de-duplicate, sample and split it.
 
-Malformed XML stops with file:line:column; with --skip-bad-lines the pages read before it are
-kept and the next input goes on. Invalid UTF-8 or characters XML forbids stop at their line too;
-with --skip-bad-lines only the page holding them is skipped.
+Malformed XML (a cut-off download, say) stops with file:line and the column; with
+--skip-bad-lines the pages read before it are kept and the next input goes on. Bytes that are not
+UTF-8, or characters XML forbids, stop at their line too; with --skip-bad-lines only the page
+holding them is skipped.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tool.textio import (COMPRESSED_ERRORS, BadLines, DataError, Outputs, Reader, Stopwatch, add_common_flags,
-                         check_not_inputs, default_output, print_summary, run_tool)
+                         check_paths, default_output, print_summary, run_tool)
 
 CHUNK_BYTES = 1 << 20
 DEFAULT_MIN_CHARS = 200
@@ -272,9 +273,7 @@ class DumpReader:
             try:
                 chunk = reader.stream.read(CHUNK_BYTES)
             except COMPRESSED_ERRORS as exc:
-                self.bad(self.path, line, "compressed data is corrupt or cut off",
-                         f"{exc}; re-download or re-compress the file")
-                return
+                return self.bad.cut_off(self.path, line, exc)
             reader.tick()
             text = XML_FORBIDDEN.sub(BAD_CHARACTER, decoder.decode(chunk, final=not chunk))
             at = text.find(BAD_CHARACTER)
@@ -284,8 +283,8 @@ class DumpReader:
             try:
                 self.parser.Parse(text, not chunk)
             except expat.ExpatError as exc:
-                self.bad(self.path, exc.lineno, "malformed XML",
-                         f"{expat.ErrorString(exc.code)} at column {exc.offset + 1}; the pages before it were kept")
+                self.bad(self.path, exc.lineno, "malformed XML", f"{expat.ErrorString(exc.code)} at column "
+                         f"{exc.offset + 1}" + ("; the pages before it are kept" if self.bad.skip else ""))
                 return
             line += text.count("\n")
             if not chunk:
@@ -346,10 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_pages is not None and args.max_pages <= 0:
             raise DataError(f"--max-pages must be > 0, got {args.max_pages}")
         out = args.out or default_output(args.inputs[0], ".jsonl")
-        check_not_inputs([out], args.inputs)
-        for path in args.inputs:
-            if not path.is_file():
-                raise FileNotFoundError(f"input file not found: {path}")
+        check_paths(args.inputs, [out])
         print(f"extracting articles (namespaces {', '.join(args.namespaces)}) from "
               f"{', '.join(map(str, args.inputs))} -> {out}")
         watch, bad = Stopwatch(), BadLines(args.skip_bad_lines, args.rejects)

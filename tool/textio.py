@@ -9,6 +9,7 @@ their data's and not a framework's.
 from __future__ import annotations
 
 import bz2
+import codecs
 import gzip
 import json
 import lzma
@@ -30,6 +31,7 @@ from config import DATA_DIR
 # (a file without newlines) cannot take the memory with it.
 MAX_LINE_BYTES = 64 << 20
 PROGRESS_EVERY = 4 << 20  # move the bar after this many bytes, not on every line
+ARRAY_READ_BYTES = 1 << 20  # a JSON array file is read in pieces of this size
 COMPRESSIONS = {".gz": (gzip.open, b"\x1f\x8b"), ".bz2": (bz2.open, b"BZh"), ".xz": (lzma.open, b"\xfd7zXZ\x00")}
 # What a corrupted or cut-off compressed file raises while it is read.
 COMPRESSED_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
@@ -86,6 +88,17 @@ class Reader:
             self.stream = self._raw
         self.bar = tqdm(total=self.size, unit="B", unit_scale=True, desc=self.path.name, disable=not progress,
                         file=sys.stderr, mininterval=0.5, leave=False)
+        self._since_tick = 0
+
+    def readline(self, limit: int) -> bytes:
+        """The next line of the decompressed stream, or its first `limit` bytes; moves the bar
+        every few MB."""
+        line = self.stream.readline(limit)
+        self._since_tick += len(line)
+        if self._since_tick >= PROGRESS_EVERY:
+            self.tick()
+            self._since_tick = 0
+        return line
 
     def tick(self) -> None:
         """Move the bar to the current position in the file on disk."""
@@ -110,6 +123,8 @@ class BadLines:
     to the --rejects file) and counted by kind of fault."""
 
     def __init__(self, skip: bool, rejects: Path | str | None = None):
+        if rejects and not skip:
+            raise DataError("--rejects lists the lines that --skip-bad-lines skips; pass both, or neither")
         self.skip = skip
         self.counts: Counter[str] = Counter()
         self._rejects = open(rejects, "w", encoding="utf-8") if rejects else None
@@ -124,6 +139,11 @@ class BadLines:
             self._rejects.write(message + "\n")
         else:
             tqdm.write(f"skipped {message}", file=sys.stderr)
+
+    def cut_off(self, path: Path | str, lineno: int, exc: BaseException) -> None:
+        """A compressed file that is corrupt or ends early: nothing after `lineno` can be read."""
+        self(path, lineno, "compressed data is corrupt or cut off",
+             f"{exc}; nothing after this point can be read; re-download or re-compress the file")
 
     @property
     def total(self) -> int:
@@ -141,34 +161,32 @@ def iter_lines(reader: Reader, bad: BadLines) -> Iterator[tuple[int, bytes]]:
     """Every line of `reader` as (line number, bytes without the line ending). A line over
     MAX_LINE_BYTES is reported as bad and read past in constant memory; a compressed file that is
     corrupt or cut off is reported at the line where it breaks, and nothing after it is read."""
-    readline = reader.stream.readline
-    lineno = since_tick = 0
+    lineno = 0
     while True:
         try:
-            line = readline(MAX_LINE_BYTES)
+            line = reader.readline(MAX_LINE_BYTES)
             if len(line) == MAX_LINE_BYTES and not line.endswith(b"\n"):
                 while line and not line.endswith(b"\n"):  # skip the rest of the runaway line
-                    line = readline(MAX_LINE_BYTES)
+                    line = reader.readline(MAX_LINE_BYTES)
                 lineno += 1
                 bad(reader.path, lineno, "line too long", f"over {MAX_LINE_BYTES >> 20} MB")
                 continue
         except COMPRESSED_ERRORS as exc:
-            bad(reader.path, lineno + 1, "compressed data is corrupt or cut off",
-                f"{exc}; nothing after this point can be read; re-download or re-compress the file")
-            return
+            return bad.cut_off(reader.path, lineno + 1, exc)
         if not line:
             return
         lineno += 1
-        since_tick += len(line)
-        if since_tick >= PROGRESS_EVERY:
-            reader.tick()
-            since_tick = 0
         yield lineno, line.rstrip(b"\r\n")
 
 
 def iter_json_objects(reader: Reader, bad: BadLines) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
     """(line number, raw line, parsed object) of every non-blank line that is a UTF-8 JSON object;
-    any other line goes to `bad` with its reason."""
+    any other line goes to `bad` with its reason. A file that starts with "[" is read as one JSON
+    array instead (how Alpaca and ShareGPT data are often shipped), element by element."""
+    head = reader.stream.peek(256)[:256].lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):
+        yield from iter_json_array(reader, bad)
+        return
     for lineno, raw in iter_lines(reader, bad):
         if not raw.strip():
             continue
@@ -188,6 +206,81 @@ def iter_json_objects(reader: Reader, bad: BadLines) -> Iterator[tuple[int, byte
         yield lineno, raw, obj
 
 
+def iter_json_array(reader: Reader, bad: BadLines) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+    """(line where it starts, compact JSON, object) of each element of a JSON array, decoded one
+    at a time from a buffer that holds the current element and one read: memory is bounded by
+    the largest element (MAX_LINE_BYTES at most), not by the file. An element that is not an
+    object is reported and skipped; malformed JSON ends the file (there is no telling where the
+    next element would start)."""
+    decoder, text_decoder = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
+    buffer, pos, line, eof = "", 0, 1, False
+
+    def more() -> bool:
+        nonlocal buffer, pos, line, eof
+        if eof:
+            return False
+        line += buffer.count("\n", 0, pos)
+        buffer, pos = buffer[pos:], 0
+        try:
+            chunk = reader.stream.read(ARRAY_READ_BYTES)
+            buffer += text_decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as exc:
+            bad(reader.path, line + buffer.count("\n"), "not UTF-8",
+                f"byte 0x{exc.object[exc.start]:02x}; the rest of the array cannot be read")
+            eof = True
+            return False
+        except COMPRESSED_ERRORS as exc:
+            bad.cut_off(reader.path, line + buffer.count("\n"), exc)
+            eof = True
+            return False
+        reader.tick()
+        eof = not chunk
+        return bool(chunk)
+
+    def next_char() -> str:
+        """The next character that is not white space, without consuming it ("" at the end)."""
+        nonlocal pos
+        while True:
+            while pos < len(buffer) and buffer[pos] in " \t\r\n\ufeff":
+                pos += 1
+            if pos < len(buffer) or not more():
+                return buffer[pos:pos + 1]
+
+    def fail(problem: str) -> None:
+        bad(reader.path, line + buffer.count("\n", 0, pos), "not valid JSON",
+            f"{problem}; the rest of the array cannot be read")
+
+    next_char()
+    pos += 1  # the "[" that iter_json_objects saw
+    if next_char() == "]":
+        return
+    while True:
+        next_char()
+        start_line = line + buffer.count("\n", 0, pos)
+        while True:
+            try:
+                obj, end = decoder.raw_decode(buffer, pos)
+                if end < len(buffer) or not more():  # a number at the very end may go on
+                    break
+            except json.JSONDecodeError as exc:
+                if len(buffer) - pos > MAX_LINE_BYTES or not more():  # more() keeps the element whole
+                    return fail(f"{exc.msg} in the element starting at line {start_line}")
+        raw = buffer[pos:end]
+        pos = end
+        if isinstance(obj, dict):
+            yield start_line, json.dumps(obj, ensure_ascii=False).encode("utf-8"), obj
+        else:
+            bad(reader.path, start_line, "not a JSON object", f"got {type(obj).__name__}: {raw[:40]}")
+        separator = next_char()
+        pos += 1
+        if separator == "]":
+            return
+        if separator != ",":
+            pos -= 1
+            return fail(f"expected ',' or ']' after the element starting at line {start_line}, "
+                        f"found {separator or 'the end of the file'!r}")
+
+
 class Output:
     """An output file written under a hidden temporary name beside `path` and renamed into place
     by commit(), so an interrupted run never leaves a file that looks complete. Compressed with
@@ -203,7 +296,8 @@ class Output:
             self._stream = gzip.GzipFile(filename=self.path.name, mode="wb", fileobj=self._file,
                                          compresslevel=6, mtime=0)
         elif compression(self.path):
-            raise DataError(f"{self.path}: outputs are written plain or as .gz; drop the {compression(self.path)} suffix")
+            raise DataError(f"{self.path}: outputs are written plain or as .gz; "
+                            f"drop the {compression(self.path)} suffix")
         self.lines = 0
 
     def write_line(self, data: bytes) -> None:
@@ -254,8 +348,11 @@ class Outputs:
                 output.discard()
 
 
-def check_not_inputs(outputs: list[Path], inputs: list[Path]) -> None:
-    """Refuse to write over an input (the tools read while they write)."""
+def check_paths(inputs: list[Path], outputs: list[Path]) -> None:
+    """Every input exists, and no output would write over one (the tools read while they write)."""
+    for path in inputs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"input file not found: {path}")
     taken = {Path(p).resolve() for p in inputs}
     for path in outputs:
         if Path(path).resolve() in taken:
