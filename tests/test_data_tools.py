@@ -243,6 +243,17 @@ def test_cut_txt_paragraphs_then_sentences_exact(tmp_path):
         "这是一个没有空格的很长的句子这是", "一个没有空格的很长的句子这是一个", "没有空格的很长的句子"]
 
 
+def test_cut_txt_cuts_at_a_paragraph_only_when_that_fills_half_a_sample(tmp_path):
+    long_paragraph = "Sentence one is here. Sentence two is here. Sentence three is here.\n"
+    # "Short one." is 10 of 60 characters: cutting after it would waste the sample
+    assert run_cut_txt(tmp_path, "Short one.\n\n" + long_paragraph, "--max-chars", "60") == [
+        "Short one.\n\nSentence one is here. Sentence two is here.", "Sentence three is here."]
+    # here the paragraph before fills 34 of 60, so the cut goes between the paragraphs
+    assert run_cut_txt(tmp_path, "A first paragraph of some length.\n\n" + long_paragraph, "--max-chars", "60") == [
+        "A first paragraph of some length.", "Sentence one is here. Sentence two is here.",
+        "Sentence three is here."]
+
+
 def test_cut_txt_overlap_exact(tmp_path):
     assert run_cut_txt(tmp_path, BOOK, "--max-chars", "60", "--overlap", "30") == [
         "First paragraph has two sentences. This is the second one!",
@@ -316,7 +327,7 @@ def test_cut_jsonl_filters_and_dedup_keep_order(tmp_path, capsys):
                           {"conversations": [{"role": "user", "content": "hi"}]}]
     source = write_jsonl(tmp_path / "in.jsonl", records)
     with open(source, "a", encoding="utf-8") as handle:
-        handle.write('{"text": "no closing quote}\n')
+        handle.write('{"text": "no closing quote}\n[1, 2]\n')
     out = tmp_path / "out"
     assert cut_jsonl.main([str(source), "--out-dir", str(out), "--no-progress"]) == 2
     assert f"error: {source}:13: not valid JSON" in capsys.readouterr().err
@@ -327,6 +338,7 @@ def test_cut_jsonl_filters_and_dedup_keep_order(tmp_path, capsys):
     summary = capsys.readouterr().out
     assert re.search(r"dropped: duplicate +1$", summary, re.M)
     assert re.search(r"skipped: not valid JSON +1$", summary, re.M)
+    assert re.search(r"skipped: not a JSON object +1$", summary, re.M)
     # raw lines go out exactly as they came in
     lines = source.read_text(encoding="utf-8").splitlines()
     assert (out / "in.jsonl").read_text(encoding="utf-8").splitlines() == [lines[i] for i in kept]
@@ -533,6 +545,35 @@ def test_prepare_data_takes_every_tool_output(tmp_path, capsys):
         "without any end"])
     sft = read_jsonl(out / "sft.jsonl") + read_jsonl(out / "sft.val.jsonl")
     assert sorted(json.dumps(r["conversations"]) for r in sft) == sorted(json.dumps(c) for c in SFT_EXPECTED)
+
+
+def test_cut_off_compressed_inputs_are_reported_not_crashed_on(tmp_path, capsys):
+    """A download that stopped early: each tool names the file and the line where it breaks; with
+    --skip-bad-lines what came before is kept."""
+    records = docs(3000)
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())
+    source = tmp_path / "cut.jsonl.gz"
+    source.write_bytes(whole[:len(whole) // 2])
+    out = tmp_path / "out"
+    assert cut_jsonl.main([str(source), "--out-dir", str(out), "--no-progress"]) == 2
+    assert re.search(rf"error: {re.escape(str(source))}:\d+: compressed data is corrupt or cut off",
+                     capsys.readouterr().err)
+    assert not out.exists() or not list(out.iterdir())
+    assert cut_jsonl.main([str(source), "--out-dir", str(out), "--skip-bad-lines", "--no-progress"]) == 0
+    kept = read_jsonl(out / "cut.jsonl")
+    assert 0 < len(kept) < 3000 and kept == records[:len(kept)]
+
+    book = tmp_path / "book.txt.bz2"
+    book.write_bytes(bz2.compress(("A sentence here. " * 20 + "\n\n").encode() * 500)[:-100])
+    assert cut_txt.main([str(book), "--out", str(tmp_path / "b.jsonl"), "--no-progress"]) == 2
+    assert f"error: {book}:" in capsys.readouterr().err
+    dump = tmp_path / "wiki.xml.gz"
+    dump.write_bytes(gzip.compress(crafted_dump().encode())[:-60])
+    assert extract_xml.main([str(dump), "--out", str(tmp_path / "w.jsonl"), "--no-progress"]) == 2
+    assert re.search(rf"error: {re.escape(str(dump))}:\d+: (compressed data is corrupt or cut off|malformed XML)",
+                     capsys.readouterr().err)
+    assert cut_jsonl.main([str(source), "--rejects", str(tmp_path / "r.txt"), "--no-progress"]) == 2
+    assert "--rejects lists the lines that --skip-bad-lines skips" in capsys.readouterr().err
 
 
 def test_missing_input_and_progress_bar(tmp_path, capsys):
