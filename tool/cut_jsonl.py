@@ -12,7 +12,7 @@ content is the "text" field when it has one, else the messages of "conversations
 
   --min-chars / --max-chars   keep lines whose content length (characters) is in range
   --dedup                     keep the first of lines with the same content (a 16-byte BLAKE2b
-                              digest per kept line is held: about 95 MB per million lines)
+                              digest per kept line is held: about 90 MB per million lines)
   --sample N                  keep N of the remaining lines, chosen uniformly at random
   --shuffle                   random order, in bounded memory: lines are spread over temporary
                               bucket files at random, then each bucket is shuffled in memory;
