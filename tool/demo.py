@@ -19,9 +19,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The first question is in the SFT training set (chatterbot-corpus's computer help desk); the
-# other two are not.
-QUESTIONS = ("My internet is not working.", "Hello! How are you today?", "What do you like to do on weekends?")
+# The first question is in the SFT training set (chatterbot-corpus trivia); the tiny model
+# recalls about one trained answer in ten exactly, this one among them on a 2-core AMX CPU
+# (another machine's rounding may steer it elsewhere). The other two questions are unseen.
+QUESTIONS = ("What is the name of the nearest major galaxy to the Milky Way?", "Hello! How are you today?",
+             "What do you like to do on weekends?")
 
 
 def stage_commands(preset: str) -> list[tuple[str, list[str]]]:
