@@ -53,8 +53,8 @@ def atomic_write(path: Path | str, write: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file ordinary permissions
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp (and some writers) make 0600; ordinary permissions
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -140,6 +140,7 @@ def save_model_folder(model: EtudeModel, folder: Path | str, tokenizer_dir: Path
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; the folder is an ordinary one
         _write_folder_files(model, staging, tokenizer_dir, extra_config)
         os.replace(staging, folder)
     except BaseException:

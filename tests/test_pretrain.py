@@ -44,8 +44,25 @@ def test_pretraining_learns_and_saves_a_model_folder(corpus, tiny_tokenizer_dir,
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 60
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
     assert all("tokens_per_sec" in r and "mfu" in r for r in records if "loss" in r)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out, out / "checkpoint", out / "model.safetensors", out / "checkpoint" / "model.safetensors"):
+        ordinary = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == ordinary, f"{path} has mode {path.stat().st_mode & 0o777:o}"
     model = load_model_folder(out)
     assert model.config.n_layers == 2 and model.config.vocab_size == load_tokenizer(tiny_tokenizer_dir).vocab_size
+
+
+def test_init_from_continues_a_trained_model(corpus, tiny_tokenizer_dir, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert pretrain_main(run_args(corpus, tiny_tokenizer_dir, first, "--max-steps", "40", "--eval-every", "40")) == 0
+    args = [a for a in run_args(corpus, tiny_tokenizer_dir, second, "--max-steps", "10", "--init-from", str(first))]
+    del args[args.index("--model-config"):args.index("--model-config") + 2]  # the shape comes from --init-from
+    assert pretrain_main(args) == 0
+    evals = lambda folder: [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                            if "val_loss" in r]
+    # the continued run starts where the first one ended, not from a fresh initialisation
+    assert evals(second)[0]["val_loss"] == pytest.approx(evals(first)[-1]["val_loss"], abs=1e-4)
 
 
 @pytest.mark.parametrize("how", ["sigint", "sigkill"])

@@ -35,6 +35,9 @@ from model.checkpoint import (atomic_save_safetensors, atomic_write, atomic_writ
                               save_model_folder)
 from model.model import IGNORE_INDEX, EtudeModel
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 class Windows(Protocol):
     """What the trainer needs of a dataset: a size and batches by window index."""
@@ -179,6 +182,7 @@ def save_resume_state(folder: Path, model: EtudeModel, optimizer: torch.optim.Op
     checkpoint.old/, which load_resume_state falls back to)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; checkpoint/ is an ordinary folder
     previous = folder.with_name(folder.name + ".old")
     try:
         weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict_for_save().items()}
