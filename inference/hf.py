@@ -28,7 +28,7 @@ import torch
 import transformers
 
 from config import HF_DIR, read_json
-from inference.inference import build_parser, fit_to_context, inference_dtype, main as chat_main, \
+from inference.inference import batch_prompts, build_parser, fit_to_context, inference_dtype, main as chat_main, \
     pick_inference_device
 
 
@@ -132,12 +132,7 @@ class HFChat:
 
     def answer_batch(self, conversations: list[list[dict]]) -> list[str]:
         """Answers for several conversations in one left-padded generate call."""
-        prompts = []
-        for messages in conversations:
-            ids, note = self.prompt_ids(messages)
-            if note:
-                print(f"[note: {note}]", file=sys.stderr)
-            prompts.append(ids)
+        prompts = batch_prompts(self, conversations)
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)

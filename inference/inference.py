@@ -77,12 +77,7 @@ class Chat:
         return "".join(self.stream(messages))
 
     def answer_batch(self, conversations: list[list[dict]]) -> list[str]:
-        prompts = []
-        for messages in conversations:
-            ids, note = self.prompt_ids(messages)
-            if note:
-                print(f"[note: {note}]", file=sys.stderr)
-            prompts.append(ids)
+        prompts = batch_prompts(self, conversations)
         outputs = self.model.generate_batch(prompts, self.max_new_tokens, stop_ids=self.stop_ids,
                                             pad_id=self.tokenizer.pad_id, generator=self.generator,
                                             **self.sampling)
@@ -112,6 +107,17 @@ def fit_to_context(messages: list[dict], render: Callable[[list[dict]], list[int
         note = (f"the prompt is longer than the {context}-token context; "
                 f"kept its last {room} tokens")
     return ids, note
+
+
+def batch_prompts(chat, conversations: list[list[dict]]) -> list[list[int]]:
+    """Prompt ids for each conversation (through `chat.prompt_ids`), noting trimmed histories."""
+    prompts = []
+    for messages in conversations:
+        ids, note = chat.prompt_ids(messages)
+        if note:
+            print(f"[note: {note}]", file=sys.stderr)
+        prompts.append(ids)
+    return prompts
 
 
 class StreamDecoder:
