@@ -107,3 +107,30 @@ def run_stage(body: Callable[[], dict[str, Any]]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 130 if summary.get("status") == "interrupted" else 0
+
+
+def load_init_model(cfg: TrainConfig, tokenizer_dir_given: bool, inherit_seq_len: bool = False):
+    """The model in cfg.init_from (an Etude or a Hugging Face Llama folder) and its tokenizer:
+    the folder's own copy unless --tokenizer-dir was given. Checks that the two belong together
+    and that a training window fits the model's context (with inherit_seq_len, a window is the
+    model's whole context). Returns (tokenizer, model)."""
+    from model.checkpoint import load_model_folder
+    from model.tokenizer import load_tokenizer
+
+    init = Path(cfg.init_from)
+    if not (init / "config.json").is_file():
+        raise FileNotFoundError(f"no model to start from at {init}; pretrain one first with "
+                                "`python train/train_pretrain.py` or pass --init-from FOLDER")
+    if not tokenizer_dir_given and (init / "tokenizer.json").is_file():
+        cfg.tokenizer_dir = str(init)  # the tokenizer the model was trained with
+    tokenizer = load_tokenizer(cfg.tokenizer_dir)
+    model = load_model_folder(init)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer in {cfg.tokenizer_dir} has {tokenizer.vocab_size} ids but the model "
+                         f"in {init} only {model.config.vocab_size}; use the tokenizer it was trained with")
+    if inherit_seq_len:
+        cfg.seq_len = model.config.max_seq_len
+    if cfg.seq_len > model.config.max_seq_len:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's context of "
+                          f"{model.config.max_seq_len} tokens; lower it")
+    return tokenizer, model

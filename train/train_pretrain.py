@@ -21,10 +21,9 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 import torch
 
 from config import ConfigError, preset_model_config
-from model.checkpoint import load_model_folder, read_model_config
 from model.model import EtudeModel
 from model.tokenizer import load_tokenizer
-from train.cli import build_parser, parse_model_overrides, print_config, run_stage, train_config_from_args
+from train.cli import build_parser, load_init_model, parse_model_overrides, print_config, run_stage, train_config_from_args
 from train.data import load_pretrain_data, unigram_bits_per_byte
 from train.trainer import Trainer
 
@@ -38,21 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         cfg = train_config_from_args("pretrain", args)
         if cfg.init_from:  # continue pretraining an existing model (an Etude or a Llama folder)
-            init = Path(cfg.init_from)
             if args.model_config:
                 raise ConfigError("--model-config cannot reshape a model given by --init-from; drop one of them")
-            if args.tokenizer_dir is None and (init / "tokenizer.json").is_file():
-                cfg.tokenizer_dir = str(init)  # the tokenizer the model was trained with
-        tokenizer = load_tokenizer(cfg.tokenizer_dir)
-        if cfg.init_from:
-            model_config = read_model_config(cfg.init_from)
-            if tokenizer.vocab_size > model_config.vocab_size:
-                raise ConfigError(f"the tokenizer in {cfg.tokenizer_dir} has {tokenizer.vocab_size} ids but the model "
-                                  f"in {cfg.init_from} only {model_config.vocab_size}; use the tokenizer it was trained with")
-            if cfg.seq_len > model_config.max_seq_len:
-                raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the context of {cfg.init_from} "
-                                  f"({model_config.max_seq_len} tokens); lower it")
+            tokenizer, model = load_init_model(cfg, tokenizer_dir_given=args.tokenizer_dir is not None)
+            model_config = model.config
         else:
+            tokenizer = load_tokenizer(cfg.tokenizer_dir)
             # The vocabulary comes from the tokenizer; the context must hold a training window.
             overrides = {"vocab_size": tokenizer.vocab_size, **parse_model_overrides(args.model_config)}
             model_config = preset_model_config(args.preset or "small", **overrides)
@@ -68,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             baseline = unigram_bits_per_byte(train_data.tokens, val_data.tokens, token_bytes.numpy())
             print(f"unigram baseline (token frequencies alone): {baseline:.4f} bits per byte on the validation set")
         torch.manual_seed(cfg.seed)
-        model = load_model_folder(cfg.init_from) if cfg.init_from else EtudeModel(model_config)
+        if not cfg.init_from:
+            model = EtudeModel(model_config)
         trainer = Trainer(model, cfg, train_data, val_data, token_bytes=token_bytes,
                           sample_ids=tokenizer.encode(cfg.sample_prompt), decode=tokenizer.decode,
                           stop_ids=(tokenizer.eos_id,))

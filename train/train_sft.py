@@ -19,10 +19,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 
 import torch
 
-from config import ConfigError
-from model.checkpoint import load_model_folder
-from model.tokenizer import load_tokenizer
-from train.cli import build_parser, print_config, run_stage, train_config_from_args
+from train.cli import build_parser, load_init_model, print_config, run_stage, train_config_from_args
 from train.data import load_sft_data
 from train.trainer import Trainer
 
@@ -33,23 +30,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         cfg = train_config_from_args("sft", args)
-        init = Path(cfg.init_from)
-        if not (init / "config.json").is_file():
-            raise FileNotFoundError(f"no model to fine-tune at {init}; pretrain one first with "
-                                    "`python train/train_pretrain.py` or pass --init-from FOLDER")
-        if args.tokenizer_dir is None and (init / "tokenizer.json").is_file():
-            cfg.tokenizer_dir = str(init)  # the tokenizer the model was trained with
-        tokenizer = load_tokenizer(cfg.tokenizer_dir)
-        model = load_model_folder(init)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"the tokenizer in {cfg.tokenizer_dir} has {tokenizer.vocab_size} ids but the model "
-                             f"in {init} only {model.config.vocab_size}; use the tokenizer it was trained with")
-        if args.seq_len is None and args.preset is None:
-            cfg.seq_len = model.config.max_seq_len
-        if cfg.seq_len > model.config.max_seq_len:
-            raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's context of "
-                              f"{model.config.max_seq_len} tokens; lower it")
-        print_config(f"fine-tuning {init} with", model=model.config.to_dict(), run=cfg.to_dict())
+        tokenizer, model = load_init_model(cfg, tokenizer_dir_given=args.tokenizer_dir is not None,
+                                           inherit_seq_len=args.seq_len is None and args.preset is None)
+        print_config(f"fine-tuning {cfg.init_from} with", model=model.config.to_dict(), run=cfg.to_dict())
         train_data = load_sft_data(cfg.data, tokenizer, cfg.seq_len, cfg.skip_bad_lines)
         val_data = load_sft_data(cfg.val_data, tokenizer, cfg.seq_len, cfg.skip_bad_lines) if cfg.val_data else None
         prompt, _ = tokenizer.render_chat([{"role": "user", "content": cfg.sample_prompt}], add_generation_prompt=True)
