@@ -113,16 +113,23 @@ def test_batched_greedy_equals_one_by_one(toy):
 
 
 def test_sft_resume_is_exact(toy, tmp_path):
-    args = [*toy["sft_args"], "--max-steps", "120", "--save-every", "10"]
+    # fp32, and both runs in fresh processes: the comparison is bit for bit, and bf16 CPU kernels
+    # have been seen to round differently in a long-lived test process than in a fresh one
+    # (a CI run differed from step 1, before any resume), which is noise, not a resume bug.
+    args = [*toy["sft_args"], "--max-steps", "60", "--save-every", "10", "--dtype", "fp32"]
     reference = tmp_path / "reference"
-    assert sft_main([*args, "--out-dir", str(reference)]) == 0
+    done = launch("train/train_sft.py", [*args, "--out-dir", str(reference)])
+    output = done.communicate(timeout=300)[0]
+    assert done.returncode == 0, output
     interrupted = tmp_path / "interrupted"
     process = launch("train/train_sft.py", [*args, "--out-dir", str(interrupted)])
     wait_for(lambda: checkpoint_step(interrupted) >= 20, process)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
-    assert 0 < checkpoint_step(interrupted) < 120
-    assert sft_main([*args, "--out-dir", str(interrupted)]) == 0
+    assert 0 < checkpoint_step(interrupted) < 60
+    resumed = launch("train/train_sft.py", [*args, "--out-dir", str(interrupted)])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
     assert_same_losses(interrupted, reference)
 
 
