@@ -74,7 +74,13 @@ class EtudeConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     initializer_range: float = 0.02
-    # Mixture of experts (reserved: the router and experts arrive with the MoE issue).
+    # Mixture of experts (model/model.py SparseMoE). With use_moe, intermediate_size is the width
+    # of EACH expert: a token runs through top_k routed experts (+ the shared ones), so top_k *
+    # intermediate_size matches a dense model's width at the same active parameters.
+    # n_shared_experts > 0 adds one shared SwiGLU of n_shared_experts * intermediate_size for
+    # every token, gated by sigmoid (Qwen2-MoE's design). aux_loss_coef scales the load-balancing
+    # loss (a balanced router gives aux_loss = aux_loss_coef); norm_topk_prob renormalises the
+    # top_k router weights to sum to 1.
     use_moe: bool = False
     n_experts: int = 4
     top_k: int = 2
@@ -121,8 +127,10 @@ class EtudeConfig:
             out.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0):
             out.append(f"initializer_range must be > 0, got {self.initializer_range!r}")
-        if not (isinstance(self.aux_loss_coef, (int, float)) and self.aux_loss_coef >= 0):
-            out.append(f"aux_loss_coef must be >= 0, got {self.aux_loss_coef!r}")
+        if isinstance(self.aux_loss_coef, bool) or not isinstance(self.aux_loss_coef, (int, float)) \
+                or not 0 <= self.aux_loss_coef < math.inf:
+            out.append(f"aux_loss_coef must be a finite number >= 0 (0 turns the balance loss off), "
+                       f"got {self.aux_loss_coef!r}")
         for name in ("tie_embeddings", "use_moe", "norm_topk_prob"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -268,6 +276,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lora": dict(seq_len=1024),
     },
 }
+
+# Mixtures of experts with the active parameters of `tiny` / `small` (and their run settings): a
+# token runs through top_k experts of intermediate_size each (tiny-moe: 2 x 352 = tiny's 704;
+# small-moe: 2 x 448 routed + 448 shared = 1344 against small's 1408).
+PRESETS["tiny-moe"] = {**PRESETS["tiny"], "model": {**PRESETS["tiny"]["model"], **dict(
+    use_moe=True, n_experts=4, top_k=2, intermediate_size=352)}}
+PRESETS["small-moe"] = {**PRESETS["small"], "model": {**PRESETS["small"]["model"], **dict(
+    use_moe=True, n_experts=8, top_k=2, n_shared_experts=1, intermediate_size=448)}}
 
 
 def preset_model_config(preset: str, **overrides: Any) -> EtudeConfig:

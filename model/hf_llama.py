@@ -1,25 +1,42 @@
-"""Etude <-> Hugging Face Llama: the one place that maps configs and weight names both ways.
+"""Etude <-> Hugging Face (Llama, Mixtral, Qwen2-MoE): the one place that maps configs and
+weight names both ways.
 
 The Etude decoder is Llama by construction (pre-norm RMSNorm, rotate_half RoPE, GQA, SwiGLU,
-no biases), so a dense model converts exactly: the config is a renaming of fields and the
-weights a renaming of keys (`model.` in front of everything but `lm_head`). What Llama cannot
-express is refused here, with the field named, before anything is written or loaded:
+no biases), so a model converts exactly: the config is a renaming of fields and the weights a
+renaming of keys (`model.` in front of everything but `lm_head`). Which class a model becomes:
 
-    export  Etude -> Llama: use_moe (a mixture of experts has no Llama form)
-    import  Llama -> Etude: attention_bias, mlp_bias, rope_scaling / a non-default rope type,
-            head_dim != hidden_size / num_attention_heads, a hidden_act other than silu,
-            a vocab_size bigger than the tokenizer beside it
+    dense                                          -> LlamaForCausalLM
+    use_moe, no shared expert, norm_topk_prob      -> MixtralForCausalLM (Mixtral always renormalises)
+    use_moe with a shared expert, or raw top-k     -> Qwen2MoeForCausalLM (its sigmoid-gated shared
+                                                      expert is Etude's; shared width 0 when none)
+
+Expert weights are written in the per-expert layout that the published checkpoints use and every
+transformers version (4.x and 5.x, which fuses them into 3-D tensors while loading) reads:
+Mixtral `block_sparse_moe.gate` / `block_sparse_moe.experts.{e}.w1|w2|w3` (gate|down|up),
+Qwen2-MoE `mlp.gate` / `mlp.experts.{e}.{gate,up,down}_proj`. Import also takes the fused 3-D
+form (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) that save_pretrained writes with
+save_original_format=False.
+
+What the target cannot express, or Etude cannot, is refused here with the field named, before
+anything is written or loaded:
+
+    import  -> Etude: attention_bias, mlp_bias, qkv_bias, rope_scaling / a non-default rope type,
+            head_dim != hidden_size / num_attention_heads, a hidden_act other than silu, a vocab_size
+            bigger than the tokenizer beside it, sliding-window attention, dense layers between
+            MoE layers (Qwen2-MoE decoder_sparse_step / mlp_only_layers), a shared expert whose
+            width is not a multiple of the expert width
 
     hf = config_to_hf(model.config, token_ids, dtype="bf16")     # a config.json dict
     weights = state_to_hf(model.state_dict_for_save(), model.config)
     config = config_from_hf(json.load(open("config.json")), tokenizer_vocab_size=6400)
     state = state_from_hf(weights, config)                        # ready for load_saved_state
 
-Only torch and config.py are imported: loading a Llama folder never needs transformers.
+Only torch and config.py are imported: loading a Hugging Face folder never needs transformers.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +46,12 @@ from config import MODEL_TYPE, ConfigError, EtudeConfig, read_json
 
 LLAMA_MODEL_TYPE = "llama"
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"
+MIXTRAL_MODEL_TYPE = "mixtral"
+MIXTRAL_ARCHITECTURE = "MixtralForCausalLM"
+QWEN2_MOE_MODEL_TYPE = "qwen2_moe"
+QWEN2_MOE_ARCHITECTURE = "Qwen2MoeForCausalLM"
+ARCHITECTURES = {LLAMA_MODEL_TYPE: LLAMA_ARCHITECTURE, MIXTRAL_MODEL_TYPE: MIXTRAL_ARCHITECTURE,
+                 QWEN2_MOE_MODEL_TYPE: QWEN2_MOE_ARCHITECTURE}
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 SHARDED_INDEX_FILE = "model.safetensors.index.json"
 
@@ -39,37 +62,49 @@ EXPORT_DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "fp16": (torch.float16, "float16"),
 }
 
-# LlamaConfig's own defaults, used for keys that a Llama config.json leaves out, so a folder
+# Each config class's own defaults, used for keys that a config.json leaves out, so a folder
 # reads here exactly as transformers reads it.
-_LLAMA_DEFAULTS = {"num_key_value_heads": None, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-                   "rope_theta": 10000.0, "tie_word_embeddings": False, "initializer_range": 0.02,
-                   "attention_dropout": 0.0, "hidden_act": "silu"}
+_COMMON_DEFAULTS = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                    "tie_word_embeddings": False, "initializer_range": 0.02, "attention_dropout": 0.0,
+                    "hidden_act": "silu"}
+_DEFAULTS = {
+    LLAMA_MODEL_TYPE: {**_COMMON_DEFAULTS, "num_key_value_heads": None},
+    MIXTRAL_MODEL_TYPE: {**_COMMON_DEFAULTS, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
+                         "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None,
+                         "num_experts_per_tok": 2, "num_local_experts": 8, "router_aux_loss_coef": 0.001},
+    QWEN2_MOE_MODEL_TYPE: {**_COMMON_DEFAULTS, "num_key_value_heads": 16, "max_position_embeddings": 32768,
+                           "qkv_bias": True, "use_sliding_window": False, "decoder_sparse_step": 1,
+                           "mlp_only_layers": None, "moe_intermediate_size": 1408,
+                           "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4, "num_experts": 60,
+                           "norm_topk_prob": False, "router_aux_loss_coef": 0.001},
+}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def llama_problems(config: EtudeConfig) -> list[str]:
-    """Every reason this Etude config has no exact Llama form (empty when it has one)."""
-    problems = []
-    if config.use_moe:
-        problems.append("use_moe is true: a mixture-of-experts model has no Llama form (Llama has one "
-                        "feed-forward per layer). Export a dense model (use_moe false).")
-    return problems
+def hf_model_type(config: EtudeConfig) -> str:
+    """The transformers model_type that `config` exports to exactly (see the module docstring)."""
+    if not config.use_moe:
+        return LLAMA_MODEL_TYPE
+    if config.n_shared_experts == 0 and config.norm_topk_prob:
+        return MIXTRAL_MODEL_TYPE
+    return QWEN2_MOE_MODEL_TYPE
 
 
 def config_to_hf(config: EtudeConfig, token_ids: dict[str, int], dtype: str = "fp32") -> dict[str, Any]:
-    """config.json of the equivalent LlamaForCausalLM. token_ids holds "bos", "eos" and "pad"
-    (the ids of <|endoftext|>, <|im_end|>, <|endoftext|> in the model's tokenizer).
+    """config.json of the equivalent transformers model (LlamaForCausalLM, MixtralForCausalLM or
+    Qwen2MoeForCausalLM). token_ids holds "bos", "eos" and "pad" (the ids of <|endoftext|>,
+    <|im_end|>, <|endoftext|> in the model's tokenizer).
 
-    Etude's dropout (a training setting) becomes attention_dropout, the closest Llama field;
-    it plays no part in inference."""
-    problems = llama_problems(config)
-    if problems:
-        raise ConfigError("this model cannot be written in Llama format:\n  - " + "\n  - ".join(problems))
+    Etude's dropout (a training setting) becomes attention_dropout, the closest field; it plays
+    no part in inference. transformers' balance loss is top_k times Etude's (it divides the
+    expert counts by tokens, not by token-slots), so router_aux_loss_coef is aux_loss_coef /
+    top_k: fine-tuning the export in transformers keeps the same pull toward balance."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"unknown export dtype {dtype!r}; choose one of {sorted(EXPORT_DTYPES)}")
-    return {
-        "architectures": [LLAMA_ARCHITECTURE],
-        "model_type": LLAMA_MODEL_TYPE,
+    model_type = hf_model_type(config)
+    hf = {
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -83,8 +118,6 @@ def config_to_hf(config: EtudeConfig, token_ids: dict[str, int], dtype: str = "f
         # transformers 4 reads rope_theta, transformers 5 rope_parameters: write both.
         "rope_theta": float(config.rope_theta),
         "rope_parameters": {"rope_type": "default", "rope_theta": float(config.rope_theta)},
-        "attention_bias": False,
-        "mlp_bias": False,
         "attention_dropout": config.dropout,
         "initializer_range": config.initializer_range,
         "tie_word_embeddings": config.tie_embeddings,
@@ -94,6 +127,19 @@ def config_to_hf(config: EtudeConfig, token_ids: dict[str, int], dtype: str = "f
         "use_cache": True,
         "torch_dtype": EXPORT_DTYPES[dtype][1],
     }
+    if model_type == LLAMA_MODEL_TYPE:
+        hf.update(attention_bias=False, mlp_bias=False)
+        return hf
+    hf.update(num_experts_per_tok=config.top_k, output_router_logits=False,
+              router_aux_loss_coef=config.aux_loss_coef / config.top_k)
+    if model_type == MIXTRAL_MODEL_TYPE:
+        hf.update(num_local_experts=config.n_experts, sliding_window=None, router_jitter_noise=0.0)
+    else:
+        hf.update(num_experts=config.n_experts, moe_intermediate_size=config.intermediate_size,
+                  shared_expert_intermediate_size=config.n_shared_experts * config.intermediate_size,
+                  norm_topk_prob=config.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
+                  qkv_bias=False, use_sliding_window=False, sliding_window=None)
+    return hf
 
 
 def is_hf_config(data: Any) -> bool:
@@ -101,29 +147,11 @@ def is_hf_config(data: Any) -> bool:
     return isinstance(data, dict) and ("architectures" in data or data.get("model_type", MODEL_TYPE) != MODEL_TYPE)
 
 
-def config_from_hf(data: dict[str, Any], tokenizer_vocab_size: int | None = None,
-                   source: str = "config.json") -> EtudeConfig:
-    """The EtudeConfig of a Hugging Face Llama config.json. Everything that an Etude model cannot
-    reproduce exactly is reported at once, each problem naming its field."""
-    model_type = data.get("model_type")
-    architectures = data.get("architectures") or [LLAMA_ARCHITECTURE]
-    if model_type != LLAMA_MODEL_TYPE or LLAMA_ARCHITECTURE not in architectures:
-        raise ConfigError(f"{source}: model_type {model_type!r}, architectures {architectures}: only "
-                          f"Llama checkpoints (model_type 'llama', {LLAMA_ARCHITECTURE}) can become Etude models")
-    missing = [key for key in _REQUIRED if key not in data]
-    if missing:
-        raise ConfigError(f"{source}: missing {missing}; a Llama config.json names them all")
-    get = {**_LLAMA_DEFAULTS, **data}.get
-    problems = []
-    if get("hidden_act") not in ("silu", "swish"):
-        problems.append(f"hidden_act is {get('hidden_act')!r}: Etude's feed-forward is SwiGLU (silu)")
-    for field in ("attention_bias", "mlp_bias"):
-        if get(field):
-            problems.append(f"{field} is true: Etude layers have no biases")
-    if get("rope_scaling"):
-        problems.append(f"rope_scaling is {get('rope_scaling')!r}: Etude uses plain RoPE (rope_scaling null)")
+def _rope_theta(data: dict[str, Any], get, problems: list[str]) -> Any:
     rope_parameters = get("rope_parameters") or {}
     rope_theta = get("rope_theta")
+    if get("rope_scaling"):
+        problems.append(f"rope_scaling is {get('rope_scaling')!r}: Etude uses plain RoPE (rope_scaling null)")
     if rope_parameters:
         if rope_parameters.get("rope_type", "default") != "default" or \
                 set(rope_parameters) - {"rope_type", "rope_theta"}:
@@ -134,6 +162,59 @@ def config_from_hf(data: dict[str, Any], tokenizer_vocab_size: int | None = None
                 problems.append(f"rope_theta ({data['rope_theta']}) disagrees with rope_parameters.rope_theta "
                                 f"({rope_parameters['rope_theta']})")
             rope_theta = rope_parameters["rope_theta"]
+    return rope_theta
+
+
+def _moe_fields(model_type: str, data: dict[str, Any], get, problems: list[str]) -> dict[str, Any]:
+    """The EtudeConfig MoE fields of a Mixtral / Qwen2-MoE config, noting what Etude cannot do."""
+    if model_type == MIXTRAL_MODEL_TYPE:
+        window = get("sliding_window")
+        if window is not None and window < get("max_position_embeddings"):
+            problems.append(f"sliding_window is {window}: Etude attends to the whole context (sliding_window null)")
+        return dict(use_moe=True, n_experts=get("num_local_experts"), top_k=get("num_experts_per_tok"),
+                    intermediate_size=data["intermediate_size"], n_shared_experts=0, norm_topk_prob=True,
+                    aux_loss_coef=float(get("router_aux_loss_coef")) * get("num_experts_per_tok"))
+    if get("qkv_bias"):
+        problems.append("qkv_bias is true: Etude layers have no biases")
+    if get("use_sliding_window"):
+        problems.append("use_sliding_window is true: Etude attends to the whole context")
+    if get("decoder_sparse_step") != 1 or get("mlp_only_layers"):
+        problems.append(f"decoder_sparse_step {get('decoder_sparse_step')} / mlp_only_layers "
+                        f"{get('mlp_only_layers')}: every Etude layer is a MoE layer (step 1, no mlp_only_layers)")
+    expert, shared = get("moe_intermediate_size"), get("shared_expert_intermediate_size")
+    if isinstance(expert, int) and isinstance(shared, int) and expert > 0 and shared % expert:
+        problems.append(f"shared_expert_intermediate_size {shared} is not a multiple of moe_intermediate_size "
+                        f"{expert}: Etude's shared expert is n_shared_experts experts wide")
+    return dict(use_moe=True, n_experts=get("num_experts"), top_k=get("num_experts_per_tok"),
+                intermediate_size=expert, n_shared_experts=shared // expert if isinstance(shared, int)
+                and isinstance(expert, int) and expert > 0 else shared,
+                norm_topk_prob=bool(get("norm_topk_prob")),
+                aux_loss_coef=float(get("router_aux_loss_coef")) * get("num_experts_per_tok"))
+
+
+def config_from_hf(data: dict[str, Any], tokenizer_vocab_size: int | None = None,
+                   source: str = "config.json") -> EtudeConfig:
+    """The EtudeConfig of a Hugging Face Llama, Mixtral or Qwen2-MoE config.json. Everything
+    that an Etude model cannot reproduce exactly is reported at once, each problem naming its
+    field."""
+    model_type = data.get("model_type")
+    architectures = data.get("architectures") or [ARCHITECTURES.get(model_type, LLAMA_ARCHITECTURE)]
+    if model_type not in ARCHITECTURES or ARCHITECTURES[model_type] not in architectures:
+        raise ConfigError(f"{source}: model_type {model_type!r}, architectures {architectures}: only "
+                          f"Llama checkpoints (model_type 'llama', {LLAMA_ARCHITECTURE}) and the mixtures of "
+                          f"experts {MIXTRAL_ARCHITECTURE} ('mixtral') and {QWEN2_MOE_ARCHITECTURE} "
+                          "('qwen2_moe') can become Etude models")
+    missing = [key for key in _REQUIRED if key not in data]
+    if missing:
+        raise ConfigError(f"{source}: missing {missing}; a {ARCHITECTURES[model_type]} config.json names them all")
+    get = {**_DEFAULTS[model_type], **data}.get
+    problems = []
+    if get("hidden_act") not in ("silu", "swish"):
+        problems.append(f"hidden_act is {get('hidden_act')!r}: Etude's feed-forward is SwiGLU (silu)")
+    for field in ("attention_bias", "mlp_bias"):
+        if get(field):
+            problems.append(f"{field} is true: Etude layers have no biases")
+    rope_theta = _rope_theta(data, get, problems)
     hidden, heads = data["hidden_size"], data["num_attention_heads"]
     head_dim = get("head_dim")
     if head_dim is not None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0 \
@@ -145,57 +226,134 @@ def config_from_hf(data: dict[str, Any], tokenizer_vocab_size: int | None = None
         problems.append(f"vocab_size is {vocab} but the tokenizer beside it has {tokenizer_vocab_size} ids: "
                         "an Etude model's vocabulary is its tokenizer's (rows past the tokenizer could be "
                         "generated but never decoded); use a checkpoint whose vocab_size matches its tokenizer")
+    fields = dict(intermediate_size=data["intermediate_size"])
+    if model_type != LLAMA_MODEL_TYPE:
+        fields = _moe_fields(model_type, data, get, problems)
     if problems:
-        raise ConfigError(f"{source} describes a Llama model that Etude cannot represent exactly:\n  - "
-                          + "\n  - ".join(problems))
+        raise ConfigError(f"{source} describes a {ARCHITECTURES[model_type]} model that Etude cannot represent "
+                          "exactly:\n  - " + "\n  - ".join(problems))
     try:
         return EtudeConfig(
             vocab_size=vocab, hidden_size=hidden, n_layers=data["num_hidden_layers"], n_heads=heads,
-            n_kv_heads=get("num_key_value_heads") or heads, intermediate_size=data["intermediate_size"],
-            max_seq_len=get("max_position_embeddings"), rope_theta=float(rope_theta),
-            norm_eps=float(get("rms_norm_eps")), tie_embeddings=bool(get("tie_word_embeddings")),
-            dropout=float(get("attention_dropout")), initializer_range=float(get("initializer_range")))
+            n_kv_heads=get("num_key_value_heads") or heads, max_seq_len=get("max_position_embeddings"),
+            rope_theta=float(rope_theta), norm_eps=float(get("rms_norm_eps")),
+            tie_embeddings=bool(get("tie_word_embeddings")), dropout=float(get("attention_dropout")),
+            initializer_range=float(get("initializer_range")), **fields)
     except (ConfigError, TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
 
+# Etude's name of a routed expert's projection -> Mixtral's (w1 gate, w2 down, w3 up).
+_MIXTRAL_EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def _layer_names(config: EtudeConfig, layer: int) -> list[str]:
+    """Etude's weight names of one block (as state_dict_for_save has them)."""
+    names = [f"self_attn.{p}_proj" for p in "qkvo"] + ["input_layernorm", "post_attention_layernorm"]
+    if not config.use_moe:
+        names += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    else:
+        names.append("mlp.gate")
+        names += [f"mlp.experts.{e}.{p}" for e in range(config.n_experts) for p in ("gate_proj", "up_proj", "down_proj")]
+        if config.n_shared_experts:
+            names += ["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
+                      "mlp.shared_expert_gate"]
+    return [f"layers.{layer}.{name}.weight" for name in names]
+
+
+def _to_hf_name(name: str, model_type: str) -> str:
+    if name.startswith("lm_head."):
+        return name
+    if model_type == MIXTRAL_MODEL_TYPE and ".mlp." in name:
+        name = name.replace(".mlp.", ".block_sparse_moe.")
+        name = re.sub(r"(experts\.\d+)\.(gate_proj|up_proj|down_proj)",
+                      lambda m: f"{m.group(1)}.{_MIXTRAL_EXPERT_NAMES[m.group(2)]}", name)
+    return f"model.{name}"
+
+
 def hf_weight_names(config: EtudeConfig) -> set[str]:
-    """The tensor names of the LlamaForCausalLM that `config` converts to (a tied output layer
-    is stored once, under the embedding's name)."""
+    """The tensor names of the transformers checkpoint that `config` converts to (a tied output
+    layer is stored once, under the embedding's name)."""
+    model_type = hf_model_type(config)
     names = {"model.embed_tokens.weight", "model.norm.weight"}
-    per_layer = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
     for layer in range(config.n_layers):
-        names.update(f"model.layers.{layer}.{part}.weight" for part in per_layer)
+        names.update(_to_hf_name(name, model_type) for name in _layer_names(config, layer))
+    if model_type == QWEN2_MOE_MODEL_TYPE and not config.n_shared_experts:
+        names.update(f"model.layers.{layer}.mlp.{part}.weight" for layer in range(config.n_layers)
+                     for part in ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj",
+                                  "shared_expert_gate"))
     if not config.tie_embeddings:
         names.add("lm_head.weight")
     return names
 
 
 def state_to_hf(state: dict[str, torch.Tensor], config: EtudeConfig) -> dict[str, torch.Tensor]:
-    """Etude weights (as from state_dict_for_save) under their Llama names. Every name must land
-    on a Llama tensor: anything else (an adapter, an expert) stops the export."""
-    problems = llama_problems(config)
-    if problems:
-        raise ConfigError("this model cannot be written in Llama format:\n  - " + "\n  - ".join(problems))
-    renamed = {name if name.startswith("lm_head.") else f"model.{name}": tensor for name, tensor in state.items()}
+    """Etude weights (as from state_dict_for_save) under their transformers names. Every name
+    must land on a tensor of the target class: anything else (an adapter) stops the export.
+    A Qwen2-MoE export of a model without shared expert gets a zero-width shared expert and a
+    zero gate, which add exactly nothing."""
+    model_type = hf_model_type(config)
+    renamed = {_to_hf_name(name, model_type): tensor for name, tensor in state.items()}
+    if model_type == QWEN2_MOE_MODEL_TYPE and not config.n_shared_experts:
+        hidden, like = config.hidden_size, state["embed_tokens.weight"]
+        for layer in range(config.n_layers):
+            prefix = f"model.layers.{layer}.mlp."
+            renamed[prefix + "shared_expert.gate_proj.weight"] = like.new_zeros(0, hidden)
+            renamed[prefix + "shared_expert.up_proj.weight"] = like.new_zeros(0, hidden)
+            renamed[prefix + "shared_expert.down_proj.weight"] = like.new_zeros(hidden, 0)
+            renamed[prefix + "shared_expert_gate.weight"] = like.new_zeros(1, hidden)
     expected = hf_weight_names(config)
     extra, missing = sorted(set(renamed) - expected), sorted(expected - set(renamed))
     if extra or missing:
-        raise ConfigError(f"these weights do not form a Llama model: unexpected {extra[:6]}, missing {missing[:6]}")
+        raise ConfigError(f"these weights do not form a {ARCHITECTURES[model_type]} model: unexpected {extra[:6]}, "
+                          f"missing {missing[:6]}")
     return renamed
+
+
+_FUSED_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_MIXTRAL_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts\.\d+)\.(w1|w2|w3)\.weight$")
+
+
+def _unfuse_experts(name: str, tensor: torch.Tensor, config: EtudeConfig) -> dict[str, torch.Tensor]:
+    """transformers 5's fused 3-D expert tensors, split into Etude's per-expert matrices:
+    gate_up_proj (E, 2I, H) holds gate then up; down_proj is (E, H, I)."""
+    match = _FUSED_EXPERTS.match(name)
+    prefix = f"layers.{match.group(1)}.mlp.experts"
+    width = config.intermediate_size
+    out = {}
+    for expert, matrix in enumerate(tensor.unbind(0)):
+        if match.group(2) == "down_proj":
+            out[f"{prefix}.{expert}.down_proj.weight"] = matrix.contiguous()
+        else:
+            out[f"{prefix}.{expert}.gate_proj.weight"] = matrix[:width].contiguous()
+            out[f"{prefix}.{expert}.up_proj.weight"] = matrix[width:].contiguous()
+    return out
 
 
 def state_from_hf(state: dict[str, torch.Tensor], config: EtudeConfig,
                   source: str = "the checkpoint") -> dict[str, torch.Tensor]:
-    """Llama weights under their Etude names. Rotary frequency buffers that older checkpoints
-    stored are dropped (Etude recomputes them); a tied checkpoint that also stores lm_head
-    must store the embedding itself there."""
+    """Llama / Mixtral / Qwen2-MoE weights under their Etude names. Rotary frequency buffers
+    that older checkpoints stored are dropped (Etude recomputes them); a tied checkpoint that
+    also stores lm_head must store the embedding itself there; fused 3-D expert tensors are
+    split per expert; the zero-width shared expert of a Qwen2-MoE without one is dropped."""
+    mixtral_names = {v: k for k, v in _MIXTRAL_EXPERT_NAMES.items()}
     out = {}
     for name, tensor in state.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
-        out[name[len("model."):] if name.startswith("model.") else name] = tensor
+        name = name[len("model."):] if name.startswith("model.") else name
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        if config.use_moe and not config.n_shared_experts and ".mlp.shared_expert" in name:
+            if tensor.numel() and bool(tensor.any()) and "shared_expert_gate" not in name:
+                raise ConfigError(f"{source}: {name} is not empty although the shared expert has width 0")
+            continue
+        if _FUSED_EXPERTS.match(name.removesuffix(".weight")):
+            out.update(_unfuse_experts(name.removesuffix(".weight"), tensor, config))
+            continue
+        mixtral = _MIXTRAL_EXPERT.match(name)
+        if mixtral:
+            name = f"{mixtral.group(1)}.{mixtral_names[mixtral.group(2)]}.weight"
+        out[name] = tensor
     if config.tie_embeddings and "lm_head.weight" in out:
         head = out.pop("lm_head.weight")
         embedding = out.get("embed_tokens.weight")

@@ -5,6 +5,11 @@ multi-head / grouped-query attention through `scaled_dot_product_attention`, a S
 feed-forward, no biases, optionally tied input/output embeddings. Parameter names are those of
 Hugging Face Llama (without its `model.` prefix), so exporting is a renaming at most.
 
+With use_moe every block's feed-forward is a SparseMoE (MoERouter + routed SwiGLU experts, each
+`intermediate_size` wide, + an optional gated shared expert), named as Qwen2-MoE names them:
+`mlp.gate.weight` (router), `mlp.experts.{e}.{gate,up,down}_proj`, `mlp.shared_expert.*`,
+`mlp.shared_expert_gate`. The forward's aux_loss is then the load-balancing loss.
+
     model = EtudeModel(EtudeConfig(...))
     logits, loss, aux_loss = model(input_ids, labels=labels)
     for token_id in model.generate(prompt_ids, max_new_tokens=64): ...
@@ -142,6 +147,98 @@ class FeedForward(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class MoERouter(nn.Module):
+    """Linear router (no bias): softmax over the experts in fp32, then the top_k experts of
+    each token. Their weights are renormalised to sum to 1 when norm_topk_prob (Mixtral), else
+    the raw softmax probabilities are used (Qwen2-MoE's norm_topk_prob false)."""
+
+    def __init__(self, hidden_size: int, n_experts: int, top_k: int, norm_topk_prob: bool):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(n_experts, hidden_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default; EtudeModel re-draws it
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, H) -> weights (N, top_k) fp32, experts (N, top_k) long, probs (N, E) fp32."""
+        # The routing decision is computed in fp32 even under autocast: a bf16 logit can flip
+        # which expert wins, and the matrix is only n_experts wide, so fp32 costs nothing.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        probs = logits.softmax(dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, experts, probs
+
+
+class SparseMoE(nn.Module):
+    """Mixture-of-experts feed-forward: each token goes through its top_k routed experts
+    (SwiGLU, `intermediate_size` wide each), weighted by the router; with n_shared_experts > 0 a
+    shared SwiGLU of n_shared_experts * intermediate_size, scaled per token by
+    sigmoid(shared_expert_gate(x)), is added for every token (Qwen2-MoE's shared expert, so the
+    model exports to Qwen2MoeForCausalLM exactly).
+
+    Dispatch is by expert, not by token: the (token, slot) pairs are sorted by expert id, the
+    tokens gathered in that order, each expert runs one matmul chain over its contiguous slice,
+    and the weighted results are added back into their tokens with one index_add_.
+
+    After each forward `last_counts` (assignments per expert) and `last_entropy` (mean router
+    entropy, nats) hold detached statistics for logging, and `last_aux_loss` the unscaled
+    load-balancing loss of that forward."""
+
+    def __init__(self, config: EtudeConfig):
+        super().__init__()
+        self.n_experts, self.top_k = config.n_experts, config.top_k
+        self.gate = MoERouter(config.hidden_size, config.n_experts, config.top_k, config.norm_topk_prob)
+        self.experts = nn.ModuleList(FeedForward(config.hidden_size, config.intermediate_size)
+                                     for _ in range(config.n_experts))
+        self.shared_expert = None
+        self.shared_expert_gate = None
+        if config.n_shared_experts > 0:
+            self.shared_expert = FeedForward(config.hidden_size, config.n_shared_experts * config.intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.last_counts: torch.Tensor | None = None
+        self.last_entropy: torch.Tensor | None = None
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, experts, probs = self.gate(flat)
+        flat_experts = experts.reshape(-1)                       # (N * top_k,), token-major
+        order = flat_experts.argsort(stable=True)                # slots grouped by expert
+        counts = torch.bincount(flat_experts, minlength=self.n_experts)
+        token_of_slot = order // self.top_k
+        routed = flat.index_select(0, token_of_slot)
+        # One host sync for the split sizes; a loop over experts (few), never over tokens.
+        outputs = [expert(chunk) for expert, chunk in zip(self.experts, routed.split(counts.tolist()))]
+        slot_weights = weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+        expert_out = torch.cat(outputs) * slot_weights.to(outputs[0].dtype)
+        out = torch.zeros((flat.shape[0], expert_out.shape[-1]), dtype=expert_out.dtype, device=flat.device)
+        out = out.index_add(0, token_of_slot, expert_out)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * shared
+        self.last_aux_loss = load_balancing_loss(probs, counts, self.top_k)
+        with torch.no_grad():
+            self.last_counts = counts.detach()
+            self.last_entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
+        return out.reshape(shape[:-1] + (out.shape[-1],))
+
+
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss of one MoE layer, unscaled:
+    n_experts * sum_e f_e * P_e, where f_e is the fraction of the (token, slot) assignments that
+    went to expert e (counts / (tokens * top_k), so f sums to 1 for any top_k) and P_e the mean
+    router probability of e. A perfectly balanced router gives 1; a collapsed one n_experts.
+
+    transformers' Mixtral load_balancing_loss_func divides the counts by tokens only, so for
+    one layer it returns exactly top_k times this value (tests/test_moe.py checks it)."""
+    n_tokens, n_experts = probs.shape
+    fraction = counts.to(probs.dtype) / max(n_tokens * top_k, 1)
+    return n_experts * (fraction * probs.mean(dim=0)).sum()
+
+
 class Block(nn.Module):
     def __init__(self, config: EtudeConfig, layer_idx: int):
         super().__init__()
@@ -149,7 +246,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = FeedForward(config.hidden_size, config.intermediate_size)
+        self.mlp = SparseMoE(config) if config.use_moe else FeedForward(config.hidden_size, config.intermediate_size)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
@@ -164,10 +261,6 @@ class EtudeModel(nn.Module):
 
     def __init__(self, config: EtudeConfig):
         super().__init__()
-        if config.use_moe:
-            raise NotImplementedError(
-                "use_moe=True: the mixture-of-experts layers are not implemented yet; "
-                "set use_moe to false in the config")
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
@@ -193,6 +286,8 @@ class EtudeModel(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, MoERouter):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -246,6 +341,11 @@ class EtudeModel(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         aux_loss = logits.new_zeros((), dtype=torch.float32)
+        if self.config.use_moe:
+            # Mean over the MoE layers of each layer's own balance loss (so a balanced router
+            # gives aux_loss_coef whatever the depth), times the coefficient.
+            layer_losses = [block.mlp.last_aux_loss for block in self.layers]
+            aux_loss = self.config.aux_loss_coef * torch.stack(layer_losses).mean()
         return logits, loss, aux_loss
 
     # ---- bookkeeping ---------------------------------------------------------------------
@@ -264,12 +364,29 @@ class EtudeModel(nn.Module):
         if self.config.tie_embeddings:
             matmul_params += self.lm_head.weight.numel()
         cfg = self.config
+        if cfg.use_moe:  # a token runs through top_k of the n_experts routed experts only
+            per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
+            matmul_params -= cfg.n_layers * (cfg.n_experts - cfg.top_k) * per_expert
         attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
         return 6 * matmul_params + attention
 
     def estimate_mfu(self, tokens_per_second: float, seq_len: int, peak_flops: float) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak."""
         return tokens_per_second * self.flops_per_token(seq_len) / peak_flops
+
+    def routing_stats(self) -> dict[str, list[float]] | None:
+        """Routing of the last forward, per MoE layer, for logging (None for a dense model):
+        each expert's share of the (token, slot) assignments and the mean router entropy in
+        nats (log(n_experts) is uniform routing; near 0 means each token is sure of its experts;
+        a share near 0 means a starved expert). Reading them costs one small device sync."""
+        layers = [block.mlp for block in self.layers if isinstance(block.mlp, SparseMoE)]
+        if not layers or layers[0].last_counts is None:
+            return None
+        counts = torch.stack([moe.last_counts for moe in layers]).float().cpu()
+        shares = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
+        entropy = torch.stack([moe.last_entropy for moe in layers]).float().cpu()
+        return {"expert_share": [[round(v, 4) for v in row] for row in shares.tolist()],
+                "router_entropy": [round(v, 4) for v in entropy.tolist()]}
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups: matrices of the blocks (and an untied output layer) decay;

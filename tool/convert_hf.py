@@ -1,4 +1,5 @@
-"""Convert between Etude model folders and Hugging Face Llama folders.
+"""Convert between Etude model folders and Hugging Face folders (Llama; Mixtral or Qwen2-MoE for
+a mixture of experts).
 
     python tool/convert_hf.py                              # weight/etude_sft_model -> weight/etude_hf_model
     python tool/convert_hf.py --dtype bf16 --verify        # half the size, checked with transformers
@@ -6,10 +7,11 @@
     python tool/convert_hf.py --import some_llama_folder --out weight/etude_pretrained_model
 
 Export writes a folder that plain transformers loads (AutoModelForCausalLM, AutoTokenizer):
-config.json (LlamaForCausalLM), model.safetensors (Hugging Face names, --dtype fp32|bf16|fp16),
+config.json (LlamaForCausalLM for a dense model; for a mixture of experts MixtralForCausalLM, or
+Qwen2MoeForCausalLM when it has a shared expert or top-k weights that are not renormalised),
+model.safetensors (Hugging Face names, per-expert layout, --dtype fp32|bf16|fp16),
 tokenizer.json, tokenizer_config.json (with the ChatML chat_template), special_tokens_map.json and
-generation_config.json (generation ends at <|im_end|>). A model Llama cannot express (a mixture of
-experts) is refused before anything is written. The folder is built under a temporary name and
+generation_config.json (generation ends at <|im_end|>). The folder is built under a temporary name and
 renamed into place only when complete (and, with --verify, only when the check passed); an
 existing --out is replaced only when it holds an earlier export, or with --force.
 
@@ -19,9 +21,9 @@ fails above --tolerance) and greedy generations token for token. With --dtype bf
 comparison is against the Etude model rounded the same way, so it checks the conversion; how far
 the rounding itself moves the logits is printed beside it.
 
---import turns a Llama folder (one exported here, or any Llama checkpoint in safetensors, single or
-sharded, whose tokenizer was trained here) into an Etude model folder with fp32 weights. The
-training stages also take a Llama folder as it is: `train/train_sft.py --init-from FOLDER`.
+--import turns a Llama, Mixtral or Qwen2-MoE folder (one exported here, or any such checkpoint in
+safetensors, single or sharded, whose tokenizer was trained here) into an Etude model folder with
+fp32 weights. The training stages also take such a folder as it is: `train/train_sft.py --init-from FOLDER`.
 Exit status: 0 done, 1 verification failed (nothing written), 2 bad input.
 """
 
@@ -45,7 +47,7 @@ from safetensors.torch import save_file
 from config import ENDOFTEXT, HF_DIR, IM_END, PRETRAINED_DIR, SFT_DIR, TOKENIZER_DIR, ConfigError, read_json
 from model.checkpoint import (CONFIG_FILE, GENERATION_CONFIG_FILE, atomic_write_json, generation_config,
                               load_model_folder, read_model_config, save_model_folder)
-from model.hf_llama import EXPORT_DTYPES, config_to_hf, is_hf_config, llama_problems, state_to_hf
+from model.hf_llama import ARCHITECTURES, EXPORT_DTYPES, config_to_hf, hf_model_type, is_hf_config, state_to_hf
 from model.model import EtudeModel
 from model.tokenizer import CHAT_TEMPLATE, EtudeTokenizer, load_tokenizer
 
@@ -66,13 +68,10 @@ class VerificationFailed(Exception):
 def load_source_model(folder: Path) -> EtudeModel:
     """The Etude model to export. (A later --lora option merges adapters into it here, so that
     everything after this point sees an ordinary dense model.)"""
-    config = read_model_config(folder)
+    read_model_config(folder)  # a clear message when the folder holds no model config
     if is_hf_config(read_json(folder / CONFIG_FILE, "model config")):
         raise ConfigError(f"{folder} is already a Hugging Face folder; to make an Etude folder of it "
                           f"use --import {folder}")
-    problems = llama_problems(config)  # refused before loading: an MoE model may not even build yet
-    if problems:
-        raise ConfigError(f"{folder} cannot be written in Llama format:\n  - " + "\n  - ".join(problems))
     return load_model_folder(folder).eval()
 
 
@@ -88,7 +87,7 @@ def tokenizer_config_with_template(tokenizer_dir: Path) -> dict:
 
 
 def write_export(model: EtudeModel, tokenizer: EtudeTokenizer, folder: Path, dtype: str) -> None:
-    """Write the Llama folder's files into `folder` (a fresh staging folder)."""
+    """Write the Hugging Face folder's files into `folder` (a fresh staging folder)."""
     token_ids = {"bos": tokenizer.eos_id, "eos": tokenizer.im_end_id, "pad": tokenizer.pad_id}
     hf_config = config_to_hf(model.config, token_ids, dtype)
     torch_dtype = EXPORT_DTYPES[dtype][0]
@@ -239,7 +238,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise ValueError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} ids but the model only "
                          f"{model.config.vocab_size}; pass the tokenizer it was trained with (--tokenizer-dir)")
     print(f"exporting {source} ({model.num_parameters() / 1e6:.2f}M parameters) to {out} as {args.dtype} "
-          "LlamaForCausalLM")
+          f"{ARCHITECTURES[hf_model_type(model.config)]}")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -304,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--model", help=f"Etude model folder to export (default {SFT_DIR})")
     add("--import", dest="import_from", metavar="HF_FOLDER",
-        help="convert this Hugging Face Llama folder into an Etude model folder instead of exporting")
+        help="convert this Hugging Face Llama / Mixtral / Qwen2-MoE folder into an Etude model folder "
+        "instead of exporting")
     add("--out", help=f"folder to write (default {HF_DIR}; with --import {PRETRAINED_DIR})")
     add("--dtype", choices=sorted(EXPORT_DTYPES), default="fp32",
         help="precision of the exported weights (default fp32; bf16/fp16 halve the size)")

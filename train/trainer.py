@@ -504,6 +504,9 @@ class Trainer:
                     eta = (self.total_steps - step) * elapsed / window_steps
                     self._log(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                               f"{tokens_per_sec:,.0f} tok/s | MFU {mfu:.1%} | ETA {_duration(eta)}")
+                    routing = routing_metrics(self.model)
+                    if routing:
+                        self._metrics({"step": step, **routing})
                     window_start, window_steps = time.perf_counter(), 0
                 if step % cfg.eval_every == 0 or step == self.total_steps:
                     last = self.evaluate()
@@ -564,6 +567,14 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, float(grad_norm), lr
+
+
+def routing_metrics(model: EtudeModel) -> dict[str, Any]:
+    """A mixture of experts' routing in the last micro-batch of this rank (per MoE layer: each
+    expert's share of the assignments and the router entropy), so collapse shows in
+    metrics.jsonl; empty for a dense model."""
+    stats = model.routing_stats() if hasattr(model, "routing_stats") else None
+    return stats or {}
 
 
 def _fmt(metrics: dict[str, float]) -> str:
