@@ -4,6 +4,7 @@
     python inference/hf.py                                 # interactive, streamed, multi-turn
     python inference/hf.py --prompt "Hello!" --temperature 0
     python inference/hf.py --input q.jsonl --output a.jsonl --batch-size 16
+    python inference/hf.py --lora identity                 # a LoRA adapter applied through peft
 
 The model is transformers' AutoModelForCausalLM, the prompt comes from AutoTokenizer's
 apply_chat_template and the answer streams through a TextIteratorStreamer: no Etude model code
@@ -28,6 +29,7 @@ import torch
 import transformers
 
 from config import HF_DIR, read_json
+from model.lora import resolve_adapter
 from inference.inference import batch_prompts, build_parser, fit_to_context, inference_dtype, main as chat_main, \
     pick_inference_device
 
@@ -161,6 +163,22 @@ def resolve_hf_folder(requested: str | None) -> Path:
     return folder
 
 
+def apply_peft_adapter(model, folder: Path):
+    """The transformers model with the LoRA adapter in `folder` applied through peft (an Etude
+    adapter is already in peft's layout for the export of the model it was trained on)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ValueError("--lora with transformers needs the peft package (pip install peft). Without it, chat "
+                         "with the adapter through `python inference/inference.py --lora NAME`, or export the "
+                         "model with the adapter merged in: `python tool/convert_hf.py --lora NAME`") from None
+    try:
+        return PeftModel.from_pretrained(model, str(folder))
+    except (RuntimeError, ValueError, KeyError) as exc:  # peft's words for an adapter that does not fit
+        raise ValueError(f"peft cannot apply the adapter in {folder} to this model ({exc}); use the export of "
+                         "the model the adapter was trained on") from None
+
+
 def build_hf_chat(args: argparse.Namespace) -> HFChat:
     transformers.utils.logging.disable_progress_bar()
     folder = resolve_hf_folder(args.model)
@@ -170,6 +188,8 @@ def build_hf_chat(args: argparse.Namespace) -> HFChat:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=inference_dtype(device, args.dtype))
     except OSError as exc:  # transformers' word for a folder it cannot read (missing weights, tokenizer)
         raise ValueError(f"transformers cannot load {folder}: {exc}") from None
+    if args.lora:
+        model = apply_peft_adapter(model, resolve_adapter(args.lora))
     if tokenizer.chat_template is None:
         raise ValueError(f"the tokenizer in {folder} has no chat_template, so a conversation cannot be "
                          "rendered; export with tool/convert_hf.py (it writes the ChatML template)")

@@ -3,6 +3,7 @@
     python inference/inference.py                          # interactive, streamed, multi-turn
     python inference/inference.py --prompt "Hello!"        # one answer, then exit
     python inference/inference.py --input q.jsonl --output a.jsonl --batch-size 16
+    python inference/inference.py --lora identity          # with the LoRA adapter weight/lora/identity/
 
 Loads weight/etude_sft_model/ by default (falling back to the pretrained model, with a note);
 any model folder works with --model. Interactive commands: /reset (forget the conversation),
@@ -27,6 +28,7 @@ import torch
 
 from config import PRETRAINED_DIR, SFT_DIR
 from model.checkpoint import load_model_folder
+from model.lora import load_adapter, resolve_adapter
 from model.model import EtudeModel
 from model.tokenizer import EtudeTokenizer, load_tokenizer, validate_messages
 
@@ -182,7 +184,10 @@ def build_chat(args: argparse.Namespace) -> Chat:
     folder = resolve_model_folder(args.model)
     tokenizer = load_tokenizer(folder)
     device = pick_inference_device(args.device)
-    model = load_model_folder(folder).to(device=device, dtype=inference_dtype(device, args.dtype))
+    model = load_model_folder(folder)
+    if args.lora:  # applied unmerged to the fp32 weights, before any cast (see model/lora.py)
+        load_adapter(model, resolve_adapter(args.lora))
+    model = model.to(device=device, dtype=inference_dtype(device, args.dtype))
     return Chat(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                 seed=args.seed)
@@ -274,6 +279,8 @@ def build_parser(description: str = __doc__,
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--model", help=model_help)
+    add("--lora", metavar="NAME", help="apply a LoRA adapter: a name under weight/lora/ (train/train_lora.py "
+        "--lora-name NAME writes it) or an adapter folder; it must belong to the model")
     add("--prompt", help="answer this one message and exit")
     add("--input", help="JSONL of prompts to answer in batches")
     add("--output", help="where batch answers go (default: standard output)")

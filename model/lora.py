@@ -59,7 +59,8 @@ os.umask(_UMASK)
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update: y = base(x) + scaling * B(A(dropout(x)))."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
@@ -73,7 +74,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=weight.device, dtype=weight.dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self.reset_lora_parameters()
+        self.reset_lora_parameters(generator)
 
     @property
     def in_features(self) -> int:
@@ -88,9 +89,9 @@ class LoRALinear(nn.Module):
         """The base weight (merged or not), for code that reads `.weight` of a linear layer."""
         return self.base_layer.weight
 
-    def reset_lora_parameters(self) -> None:
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
         """A as PEFT draws it (kaiming_uniform with a=sqrt(5), nn.Linear's default), B = 0."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,10 +148,12 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def apply_lora(model: EtudeModel, targets: Iterable[str] = DEFAULT_TARGETS, r: int = 8, alpha: float = 16.0,
-               dropout: float = 0.0) -> list[str]:
+               dropout: float = 0.0, seed: int | None = None) -> list[str]:
     """Wrap every nn.Linear whose own name (the last part of its qualified name) is in `targets`
     with a LoRALinear, and freeze every other parameter: afterwards only lora_A/lora_B train.
-    Returns the wrapped modules' qualified names. A target that names no linear layer is an error."""
+    `seed` draws the A matrices from a private generator (the same adapter for the same seed,
+    whatever ran before); None uses torch's global one. Returns the wrapped modules' qualified
+    names. A target that names no linear layer is an error."""
     targets = list(targets)
     problems = check_lora_settings(r, alpha, dropout, targets)
     if problems:
@@ -171,10 +174,14 @@ def apply_lora(model: EtudeModel, targets: Iterable[str] = DEFAULT_TARGETS, r: i
                          "LoRA on it is not supported, leave it out of the targets")
     for param in model.parameters():
         param.requires_grad_(False)
+    generator = None
+    if seed is not None:
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
     for name in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, LoRALinear(linear[name], r, alpha, dropout))
+        setattr(parent, attr, LoRALinear(linear[name], r, alpha, dropout, generator))
     return chosen
 
 
@@ -190,18 +197,24 @@ def unmerge_lora(model: nn.Module) -> None:
         module.unmerge()
 
 
-def merge_and_unload(model: EtudeModel) -> EtudeModel:
-    """Merge every adapter and put the plain nn.Linear layers back: an ordinary dense model
-    whose state dict has the usual names (what an export writes). Parameters become trainable
-    again, as in any freshly loaded model."""
+def unload_lora(model: EtudeModel) -> EtudeModel:
+    """Put the plain nn.Linear layers back, dropping the adapters (a merged one stays folded
+    into its weight): an ordinary model whose state dict has the usual names. Parameters become
+    trainable again, as in any freshly loaded model."""
     for name, module in lora_modules(model).items():
-        module.merge()
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, module.base_layer)
     for param in model.parameters():
         param.requires_grad_(True)
     return model
+
+
+def merge_and_unload(model: EtudeModel) -> EtudeModel:
+    """Merge every adapter into its weight and unload the LoRA layers: a plain dense model that
+    computes what the adapted one did (what a merged export writes)."""
+    merge_lora(model)
+    return unload_lora(model)
 
 
 # ---- the PEFT layout ------------------------------------------------------------------------

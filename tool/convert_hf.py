@@ -5,6 +5,8 @@ a mixture of experts).
     python tool/convert_hf.py --dtype bf16 --verify        # half the size, checked with transformers
     python tool/convert_hf.py --model weight/etude_pretrained_model --out /tmp/base_hf
     python tool/convert_hf.py --import some_llama_folder --out weight/etude_pretrained_model
+    python tool/convert_hf.py --lora identity --out weight/etude_hf_mira    # LoRA adapter merged in
+    python tool/convert_hf.py --lora identity --peft       # base export + weight/etude_hf_model_lora_identity/
 
 Export writes a folder that plain transformers loads (AutoModelForCausalLM, AutoTokenizer):
 config.json (LlamaForCausalLM for a dense model; for a mixture of experts MixtralForCausalLM, or
@@ -48,6 +50,7 @@ from config import ENDOFTEXT, HF_DIR, IM_END, PRETRAINED_DIR, SFT_DIR, TOKENIZER
 from model.checkpoint import (CONFIG_FILE, GENERATION_CONFIG_FILE, atomic_write_json, generation_config,
                               load_model_folder, read_model_config, save_model_folder)
 from model.hf_llama import ARCHITECTURES, EXPORT_DTYPES, config_to_hf, hf_model_type, is_hf_config, state_to_hf
+from model.lora import ADAPTER_CONFIG_FILE, load_adapter, merge_and_unload, resolve_adapter, save_adapter, unload_lora
 from model.model import EtudeModel
 from model.tokenizer import CHAT_TEMPLATE, EtudeTokenizer, load_tokenizer
 
@@ -65,14 +68,20 @@ class VerificationFailed(Exception):
 
 # ---- export ------------------------------------------------------------------------------
 
-def load_source_model(folder: Path) -> EtudeModel:
-    """The Etude model to export. (A later --lora option merges adapters into it here, so that
-    everything after this point sees an ordinary dense model.)"""
+def load_source_model(folder: Path, lora: Path | None = None, merge: bool = True) -> EtudeModel:
+    """The Etude model to export. With a LoRA adapter folder, the adapter is checked against the
+    model and applied: merged in (merge=True), so that everything after this point sees an
+    ordinary dense model, or left unmerged for --peft to save beside the export."""
     read_model_config(folder)  # a clear message when the folder holds no model config
     if is_hf_config(read_json(folder / CONFIG_FILE, "model config")):
         raise ConfigError(f"{folder} is already a Hugging Face folder; to make an Etude folder of it "
                           f"use --import {folder}")
-    return load_model_folder(folder).eval()
+    model = load_model_folder(folder).eval()
+    if lora is not None:
+        load_adapter(model, lora)
+        if merge:
+            merge_and_unload(model)
+    return model
 
 
 def tokenizer_config_with_template(tokenizer_dir: Path) -> dict:
@@ -230,18 +239,33 @@ def run_export(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no model folder at {source} ({CONFIG_FILE} missing).{hint}")
     previous_export = (out / CONFIG_FILE).is_file() and is_hf_config(read_json(out / CONFIG_FILE, "config"))
     check_out_folder(out, previous_export, args.force, [source])
-    model = load_source_model(source)
+    lora = resolve_adapter(args.lora) if args.lora else None
+    lora_out = None
+    if lora is not None and args.peft:
+        lora_out = Path(args.lora_out) if args.lora_out else out.with_name(f"{out.name}_lora_{lora.name}")
+        check_out_folder(lora_out, (lora_out / ADAPTER_CONFIG_FILE).is_file(), args.force, [source, out, lora])
+    model = load_source_model(source, lora, merge=not args.peft)
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else \
         (source if (source / "tokenizer.json").is_file() else TOKENIZER_DIR)
     tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} ids but the model only "
                          f"{model.config.vocab_size}; pass the tokenizer it was trained with (--tokenizer-dir)")
+    with_lora = "" if lora is None else f" with the LoRA adapter {lora} " + \
+        (f"written beside it for peft ({lora_out})" if args.peft else "merged in")
     print(f"exporting {source} ({model.num_parameters() / 1e6:.2f}M parameters) to {out} as {args.dtype} "
-          f"{ARCHITECTURES[hf_model_type(model.config)]}")
+          f"{ARCHITECTURES[hf_model_type(model.config)]}{with_lora}")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    adapter_holder = None
     try:
+        if lora_out is not None:
+            # The adapter goes out as peft expects it for this export (base_model_name_or_path
+            # is the export folder); the base model itself is exported without it.
+            lora_out.parent.mkdir(parents=True, exist_ok=True)
+            adapter_holder = Path(tempfile.mkdtemp(prefix=f".{lora_out.name}.", suffix=".tmp", dir=lora_out.parent))
+            save_adapter(model, adapter_holder / lora_out.name, base_model=out.resolve())
+            unload_lora(model)
         write_export(model, tokenizer, staging, args.dtype)
         if args.verify:
             failures = verify(staging, model, tokenizer, EXPORT_DTYPES[args.dtype][0], args.tolerance,
@@ -251,12 +275,20 @@ def run_export(args: argparse.Namespace) -> int:
         size = folder_size(staging)
         give_ordinary_permissions(staging)
         place_folder(staging, out)
+        if adapter_holder is not None:
+            give_ordinary_permissions(adapter_holder / lora_out.name)
+            place_folder(adapter_holder / lora_out.name, lora_out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if adapter_holder is not None:
+            shutil.rmtree(adapter_holder, ignore_errors=True)
     print(f"wrote {out} ({size / 1e6:.2f} MB, model.safetensors {(out / 'model.safetensors').stat().st_size / 1e6:.2f} MB) "
           f"in {time.perf_counter() - started:.1f}s")
     print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}); "
           f"chat: python inference/hf.py --model {out}")
+    if lora_out is not None:
+        print(f"wrote the adapter {lora_out}: PeftModel.from_pretrained(model, {str(lora_out)!r}); "
+              f"chat: python inference/hf.py --model {out} --lora {lora_out}")
     return 0
 
 
@@ -314,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="load the result with transformers and compare logits, chat-template ids and greedy generations")
     add("--tolerance", type=float, default=1e-4, help="largest max-abs logit difference --verify accepts (default 1e-4)")
     add("--max-new-tokens", type=int, default=32, help="greedy tokens --verify compares (default 32)")
+    add("--lora", metavar="NAME", help="export with this LoRA adapter (a name under weight/lora/ or a folder) "
+        "merged into the weights")
+    add("--peft", action="store_true", help="with --lora: export the model without the adapter and write the "
+        "adapter beside it in peft's layout instead (base_model_name_or_path = the export)")
+    add("--lora-out", help="with --lora --peft: the adapter folder to write (default <out>_lora_<adapter name>)")
     add("--force", action="store_true", help="replace --out even when it holds something other than an earlier export")
     return parser
 
@@ -325,10 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.import_from:
-            if args.model or args.dtype != "fp32":
+            if args.model or args.dtype != "fp32" or args.lora:
                 raise ValueError("--import reads a Hugging Face folder and writes fp32 Etude weights; "
-                                 "--model and --dtype belong to export")
+                                 "--model, --dtype and --lora belong to export")
             return run_import(args)
+        if (args.peft or args.lora_out) and not args.lora:
+            raise ValueError("--peft and --lora-out go with --lora NAME (the adapter to write for the export)")
         return run_export(args)
     except VerificationFailed as exc:
         print(f"error: verification failed ({exc}); nothing was written", file=sys.stderr)
