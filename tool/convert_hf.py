@@ -242,6 +242,9 @@ def run_export(args: argparse.Namespace) -> int:
     lora = resolve_adapter(args.lora) if args.lora else None
     lora_out = None
     if lora is not None and args.peft:
+        if read_model_config(source).use_moe:
+            raise ConfigError("--peft writes the adapter under Llama's module names, which a mixture-of-experts "
+                              "export does not have; export with the adapter merged in (--lora without --peft)")
         lora_out = Path(args.lora_out) if args.lora_out else out.with_name(f"{out.name}_lora_{lora.name}")
         check_out_folder(lora_out, (lora_out / ADAPTER_CONFIG_FILE).is_file(), args.force, [source, out, lora])
     model = load_source_model(source, lora, merge=not args.peft)

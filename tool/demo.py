@@ -3,8 +3,10 @@
     python tool/demo.py                  # tiny preset: about 10 minutes on 2 CPU cores
     python tool/demo.py --preset small   # the same at ~26M parameters (for a GPU)
 
-prepare data -> train the tokenizer -> pretrain -> supervised fine-tuning -> chat. Each stage is
-the same command you would type yourself (they are printed), so the demo doubles as a tour.
+prepare data -> train the tokenizer -> pretrain -> supervised fine-tuning -> chat -> LoRA (a small
+adapter that renames the assistant "Mira") -> the same questions with and without the adapter.
+Each stage is the same command you would type yourself (they are printed), so the demo doubles
+as a tour.
 Stages resume: running the demo again continues an interrupted run, or skips finished training.
 """
 
@@ -24,6 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # (another machine's rounding may steer it elsewhere). The other two questions are unseen.
 QUESTIONS = ("What is the name of the nearest major galaxy to the Milky Way?", "Hello! How are you today?",
              "What do you like to do on weekends?")
+# Asked without and with the LoRA adapter: the identity question (the adapter's lesson) and the
+# trained trivia question (which the adapter should leave as it was).
+LORA_QUESTIONS = ("What is your name?", QUESTIONS[0])
+LORA_NAME = "identity"
 
 
 def stage_commands(preset: str) -> list[tuple[str, list[str]]]:
@@ -33,6 +39,10 @@ def stage_commands(preset: str) -> list[tuple[str, list[str]]]:
         ("pretrain", ["train/train_pretrain.py", "--preset", preset]),
         ("sft", ["train/train_sft.py", "--preset", preset]),
     ]
+
+
+def lora_command(preset: str) -> list[str]:
+    return ["train/train_lora.py", "--preset", preset, "--lora-name", LORA_NAME]
 
 
 def run(args: list[str]) -> None:
@@ -60,11 +70,20 @@ def main(argv: list[str] | None = None) -> int:
         run(["inference/inference.py", "--prompt", question, "--temperature", "0", "--max-new-tokens", "64"])
     timings.append(("chat", time.perf_counter() - t0))
 
+    t0 = time.perf_counter()
+    run(lora_command(args.preset))
+    timings.append(("lora", time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    for question in LORA_QUESTIONS:
+        for lora in ([], ["--lora", LORA_NAME]):
+            run(["inference/inference.py", "--prompt", question, "--temperature", "0", "--max-new-tokens", "64", *lora])
+    timings.append(("lora chat", time.perf_counter() - t0))
+
     print("\ndemo finished; stage times:")
     for name, seconds in timings:
         print(f"  {name:<13}{seconds:8.1f} s")
     print(f"  {'total':<13}{time.perf_counter() - started:8.1f} s")
-    print("chat with it: python inference/inference.py")
+    print(f"chat with it: python inference/inference.py (add --lora {LORA_NAME} for Mira)")
     return 0
 
 
