@@ -183,6 +183,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    fsdp: bool = False
     resume: bool = True
     eval_every: int = 200
     eval_batches: int = 20

@@ -52,6 +52,9 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     add("--seed", type=int, help="seed of the initialisation and the data order (default 42)")
     add("--compile", action=argparse.BooleanOptionalAction, default=None,
         help="torch.compile the model (default off: on CPU it costs more than it saves at these sizes)")
+    add("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+        help="under torchrun: shard weights, gradients and optimizer state across ranks (FSDP2) "
+             "instead of replicating the model (DDP, the default)")
     add("--skip-bad-lines", action="store_true", default=None,
         help="skip malformed data lines (counted and reported) instead of stopping")
     return parser
@@ -62,7 +65,8 @@ def train_config_from_args(stage: str, args: argparse.Namespace) -> TrainConfig:
     flags = {name: getattr(args, name, None) for name in (
         "data", "val_data", "out_dir", "init_from", "tokenizer_dir", "batch_size", "grad_accum", "lr",
         "warmup_steps", "weight_decay", "grad_clip", "epochs", "max_steps", "seq_len", "device", "dtype",
-        "resume", "eval_every", "eval_batches", "save_every", "log_every", "seed", "compile", "skip_bad_lines")}
+        "resume", "eval_every", "eval_batches", "save_every", "log_every", "seed", "compile", "fsdp",
+        "skip_bad_lines")}
     if flags["val_data"] is not None and flags["val_data"].lower() == "none":
         flags["val_data"] = ""
     for name in ("data", "val_data", "out_dir", "init_from", "tokenizer_dir"):

@@ -125,13 +125,17 @@ def _sync(device: torch.device) -> None:
 # ---- distributed --------------------------------------------------------------------------------
 
 class Dist:
-    """Rank and world size; initialises torch.distributed when launched by torchrun."""
+    """Rank and world size; initialises torch.distributed (NCCL on CUDA, gloo on CPU) when
+    launched by torchrun. `launched` is true under torchrun even with one process, which FSDP
+    needs; `enabled` only when there is more than one rank to talk to."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
+        self.launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
         self.enabled = self.world_size > 1
-        if self.enabled and not dist.is_initialized():
+        if self.launched and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
                 torch.cuda.set_device(device)
@@ -154,6 +158,14 @@ class Dist:
             value = value.clone()
             dist.all_reduce(value)
         return value
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (so all ranks stop at the same step)."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
 
 # ---- the learning-rate schedule -----------------------------------------------------------------
@@ -183,7 +195,6 @@ def save_resume_state(folder: Path, model: EtudeModel, optimizer: torch.optim.Op
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; checkpoint/ is an ordinary folder
-    previous = folder.with_name(folder.name + ".old")
     try:
         weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict_for_save().items()}
         atomic_save_safetensors(staging / WEIGHTS_FILE, weights)
@@ -192,15 +203,63 @@ def save_resume_state(folder: Path, model: EtudeModel, optimizer: torch.optim.Op
             handle.flush()
             os.fsync(handle.fileno())
         atomic_write_json(staging / STATE_FILE, state)
-        if previous.exists():
-            shutil.rmtree(previous)
-        if folder.exists():
-            os.replace(folder, previous)
-        os.replace(staging, folder)
-        shutil.rmtree(previous, ignore_errors=True)
+        _swap_in(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Replace `folder` by the complete `staging` folder; the old one stays in <folder>.old/
+    until the new one is in place."""
+    previous = folder.with_name(folder.name + ".old")
+    if previous.exists():
+        shutil.rmtree(previous)
+    if folder.exists():
+        os.replace(folder, previous)
+    os.replace(staging, folder)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+# FSDP checkpoints: every rank writes its own shards through torch.distributed.checkpoint
+# (DCP) into checkpoint.tmp/, then rank 0 adds trainer_state.json and swaps the folder in. DCP
+# reshards on load, so such a checkpoint resumes on any number of ranks.
+FSDP_FORMAT = "dcp-fsdp"
+
+
+def save_sharded_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       state: dict[str, Any], is_main: bool) -> None:
+    """Collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    staging = folder.with_name(folder.name + ".tmp")
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(staging))
+    dist.barrier()
+    if is_main:
+        atomic_write_json(staging / STATE_FILE, {**state, "format": FSDP_FORMAT})
+        _swap_in(staging, folder)
+    dist.barrier()
+
+
+def load_sharded_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Collective: every rank loads its own shards of the weights and optimizer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    wanted = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp.load(wanted, checkpoint_id=str(folder))
+    except Exception as exc:  # DCP wraps every failure; all mean the checkpoint cannot be used
+        raise ValueError(f"cannot read the sharded checkpoint in {folder}: {exc}. It is damaged or from "
+                         "another model; start over with --no-resume.") from None
+    set_state_dict(model, optimizer, model_state_dict=wanted["model"], optim_state_dict=wanted["optimizer"])
 
 
 def find_resume_state(folder: Path) -> Path | None:
@@ -266,32 +325,89 @@ class Trainer:
         self.sample_ids, self.decode, self.stop_ids = sample_ids, decode, stop_ids
 
         world = self.dist.world_size
-        self.global_batch = cfg.batch_size * cfg.grad_accum * world
+        self.grad_accum = self._grad_accum_for(world)
+        self.global_batch = cfg.batch_size * self.grad_accum * world
         self.steps_per_epoch = train_data.num_samples // self.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"the training data has {train_data.num_samples} windows of {cfg.seq_len} tokens, fewer "
                 f"than one global batch of {self.global_batch} (batch {cfg.batch_size} x grad_accum "
-                f"{cfg.grad_accum} x {world} ranks); lower --batch-size or --seq-len, or add data")
+                f"{self.grad_accum} x {world} ranks); lower --batch-size or --seq-len, or add data")
         # --max-steps, when given, is the run's length (it may end mid-epoch or run past the
         # last epoch; the data order is defined for every epoch).
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
         self.warmup_steps = min(cfg.warmup_steps, max(1, self.total_steps // 5))
 
-        fused = self.device.type in ("cuda", "cpu")
+        self.fsdp = cfg.fsdp
+        self._skeleton: EtudeModel | None = None
+        if self.fsdp:
+            self._shard_model()
+        # Fused AdamW on plain tensors; FSDP's sharded parameters take the foreach kernels.
+        fused = self.device.type in ("cuda", "cpu") and not self.fsdp
         self.optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), fused=fused)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step_model: torch.nn.Module = self.model
         if cfg.compile:
             self.step_model = torch.compile(self.model)
-        if self.dist.enabled:
+        if self.dist.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
             self.step_model = DistributedDataParallel(
                 self.step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self._order_cache: tuple[int, list[int]] | None = None
         self._stop_signal: str | None = None
         self.skipped_steps = 0
+
+    def _grad_accum_for(self, world: int) -> int:
+        """Gradient accumulation for this run. A run resumed on another number of ranks keeps
+        the checkpoint's global batch (so the data order continues exactly): accumulation
+        adjusts to global batch / (batch size x ranks)."""
+        found = find_resume_state(self.checkpoint_dir) if self.cfg.resume else None
+        asked = self.cfg.grad_accum
+        if found is None:
+            return asked
+        try:
+            saved = int(read_json(found / STATE_FILE, "trainer state")["global_batch"])
+        except Exception:  # a damaged state file is reported, with its name, by _resume
+            return asked
+        per_micro_step = self.cfg.batch_size * world
+        if saved == per_micro_step * asked:
+            return asked
+        if saved % per_micro_step:
+            raise ValueError(
+                f"the checkpoint in {found} was trained with a global batch of {saved} windows, which "
+                f"{world} rank(s) x batch {self.cfg.batch_size} cannot make up; pick --batch-size so that "
+                f"batch x ranks divides {saved}, or pass --no-resume to start over")
+        accum = saved // per_micro_step
+        self._log(f"note: resuming a global batch of {saved} on {world} rank(s) x batch "
+                  f"{self.cfg.batch_size}: gradient accumulation {asked} -> {accum}")
+        return accum
+
+    def _shard_model(self) -> None:
+        """FSDP2: shard every block, then the rest (embeddings, final norm, head) as the root.
+        Rank 0 keeps an unsharded copy on the CPU to write the final model folder into."""
+        if not self.dist.launched:
+            raise ValueError("--fsdp shards the model across processes started by torchrun; launch with "
+                             "`torchrun --nproc_per_node N train/...py --fsdp ...` (N may be 1)")
+        from torch.distributed.fsdp import fully_shard
+        if self.dist.is_main:
+            import copy
+            self._skeleton = copy.deepcopy(self.model).cpu()
+        for block in self.model.layers:
+            fully_shard(block)
+        fully_shard(self.model)
+
+    def _unsharded_model(self) -> EtudeModel | None:
+        """Collective under FSDP: the full weights gathered into rank 0's CPU copy (None on
+        the other ranks). Without FSDP, the model itself."""
+        if not self.fsdp:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self._skeleton is None:
+            return None
+        self._skeleton.load_state_dict(full)
+        return self._skeleton
 
     # -- data order ---------------------------------------------------------------------------
 
@@ -311,7 +427,7 @@ class Trainer:
         per_micro = self.cfg.batch_size
         world, rank = self.dist.world_size, self.dist.rank
         return [chosen[(m * world + rank) * per_micro:(m * world + rank + 1) * per_micro]
-                for m in range(self.cfg.grad_accum)]
+                for m in range(self.grad_accum)]
 
     # -- evaluation -----------------------------------------------------------------------------
 
@@ -326,11 +442,19 @@ class Trainer:
         total_nats = torch.zeros((), dtype=torch.float64, device=self.device)
         total_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         total_bytes = torch.zeros((), dtype=torch.float64, device=self.device)
-        for start in range(self.dist.rank * self.cfg.batch_size, count, self.cfg.batch_size * self.dist.world_size):
-            inputs, targets = self.val_data.get_batch(list(range(start, min(start + self.cfg.batch_size, count))))
+        batch, world = self.cfg.batch_size, self.dist.world_size
+        starts = list(range(0, count, batch))
+        if self.fsdp:  # sharded forwards are collective: every rank runs as many
+            starts += [None] * (-len(starts) % world)
+        for start in starts[self.dist.rank::world]:
+            counted = start is not None
+            start = start or 0
+            inputs, targets = self.val_data.get_batch(list(range(start, min(start + batch, count))))
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with self._autocast():
                 _, loss, _ = self.model(inputs, labels=targets)
+            if not counted:
+                continue
             valid = targets != IGNORE_INDEX
             n_valid = valid.sum()
             total_nats += loss.double() * n_valid
@@ -370,6 +494,9 @@ class Trainer:
                 "rng": rng, "train_config": self.cfg.to_dict(), "model_config": self.model.config.to_dict()}
 
     def save_checkpoint(self, step: int) -> None:
+        if self.fsdp:
+            save_sharded_state(self.checkpoint_dir, self.model, self.optimizer, self._state(step), self.dist.is_main)
+            return
         if self.dist.is_main:
             save_resume_state(self.checkpoint_dir, self.model, self.optimizer, self._state(step))
         self.dist.barrier()
@@ -379,7 +506,17 @@ class Trainer:
         found = find_resume_state(self.checkpoint_dir) if self.cfg.resume else None
         if found is None:
             return 0
-        state = load_resume_state(found, self.model, self.optimizer)
+        state = read_json(found / STATE_FILE, "trainer state")
+        sharded = isinstance(state, dict) and state.get("format") == FSDP_FORMAT
+        if sharded != self.fsdp:
+            written, needs = ("an FSDP run", "add --fsdp (under torchrun, any number of ranks)") if sharded else (
+                "a run without FSDP", "drop --fsdp")
+            raise ValueError(f"the checkpoint in {found} was written by {written}; to resume it, {needs}, "
+                             "or pass --no-resume to start over")
+        if sharded:
+            load_sharded_state(found, self.model, self.optimizer)
+        else:
+            state = load_resume_state(found, self.model, self.optimizer)
         saved = state.get("train_config", {})
         changed = [f"{k}: {saved.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_KEYS
                    if k in saved and saved[k] != getattr(self.cfg, k)]
@@ -487,7 +624,8 @@ class Trainer:
         step = start_step
         with self._stop_on_signals():
             while step < self.total_steps:
-                if self._stop_signal:
+                if self.dist.any(self._stop_signal is not None):
+                    self._stop_signal = self._stop_signal or "a signal to another rank"
                     break
                 loss, grad_norm, lr = self._train_step(step)
                 step += 1
@@ -513,7 +651,8 @@ class Trainer:
                     if last:
                         self._metrics({"step": step, **last})
                         self._log(f"step {step}: " + _fmt(last))
-                    sample = self.sample_text() if self.dist.is_main else None
+                    # Sharded generation is collective; every rank draws the same tokens.
+                    sample = self.sample_text() if self.dist.is_main or self.fsdp else None
                     if sample is not None:
                         self._log(f"sample: {self.decode(self.sample_ids)!s}{sample}")
                 if step % cfg.save_every == 0 and step < self.total_steps:
@@ -526,8 +665,9 @@ class Trainer:
                       "Run the same command again to resume.")
             summary["status"] = "interrupted"
             return summary
+        final = self._unsharded_model()
         if self.dist.is_main:
-            self.save_model(self.model, self.out_dir)
+            self.save_model(final, self.out_dir)
             self._log(f"saved {self.out_dir}")
         self.dist.barrier()
         summary["status"] = "complete"
@@ -548,7 +688,9 @@ class Trainer:
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             share = int((targets != IGNORE_INDEX).sum()) * self.dist.world_size / max(global_tokens, 1.0)
             syncing = index == len(batches) - 1 or not self.dist.enabled
-            with (contextlib.nullcontext() if syncing else self.step_model.no_sync()):
+            if self.fsdp:  # FSDP2 reduce-scatters only after the last micro-batch
+                self.model.set_requires_gradient_sync(syncing)
+            with (contextlib.nullcontext() if syncing or self.fsdp else self.step_model.no_sync()):
                 with self._autocast():
                     _, loss, aux_loss = self.step_model(inputs, labels=targets)
                     scaled = (loss * share + aux_loss / len(batches))
@@ -563,6 +705,8 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
+            grad_norm = grad_norm.full_tensor()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
