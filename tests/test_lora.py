@@ -85,6 +85,19 @@ def test_merged_equals_unmerged_and_merge_and_unload_gives_a_plain_model():
     assert (logits(model, ids) - unmerged).abs().max() <= 1e-5
 
 
+def test_mixture_of_experts_adapts_every_expert_by_name():
+    model, ids = tiny_model(use_moe=True, n_experts=2, top_k=1), sample_ids()
+    before = logits(model, ids)
+    names = apply_lora(model, targets=["q_proj", "gate_proj"], r=2, alpha=4)
+    assert names == ["layers.0.self_attn.q_proj", "layers.0.mlp.experts.0.gate_proj", "layers.0.mlp.experts.1.gate_proj",
+                     "layers.1.self_attn.q_proj", "layers.1.mlp.experts.0.gate_proj", "layers.1.mlp.experts.1.gate_proj"]
+    assert torch.equal(logits(model, ids), before)
+    randomize_adapter(model)
+    unmerged = logits(model, ids)
+    merge_lora(model)
+    assert (logits(model, ids) - unmerged).abs().max() <= 1e-5
+
+
 def test_training_steps_change_only_lora_parameters():
     model = tiny_model().train()
     base = {k: v.clone() for k, v in model.state_dict_for_save().items()}
@@ -307,8 +320,13 @@ def test_export_with_lora_merged_and_for_peft(toy, tmp_path):
     with_peft = peft.PeftModel.from_pretrained(base_hf, str(adapter_out)).eval()
     with torch.no_grad():
         assert (with_peft(ids).logits - want).abs().max() <= 1e-4
-    # --peft without --lora is a mistake named as such.
+    # --peft without --lora is a mistake named as such; so is --peft for a mixture of experts,
+    # whose export does not have Llama's module names.
     assert convert_main(["--model", str(folder / "base"), "--out", str(tmp_path / "x"), "--peft"]) == 2
+    save_model_folder(tiny_model(use_moe=True, n_experts=2, top_k=1), tmp_path / "moe")
+    assert convert_main(["--model", str(tmp_path / "moe"), "--out", str(tmp_path / "x"), "--lora",
+                         str(folder / "adapter"), "--peft"]) == 2
+    assert not (tmp_path / "x").exists()
 
 
 def test_hf_chat_lora_through_peft(toy, tmp_path, capsys):
