@@ -171,6 +171,25 @@ class MoERouter(nn.Module):
         return weights, experts, probs
 
 
+class _GatherSlots(torch.autograd.Function):
+    """rows = flat[token_of_slot]: each token copied to its top_k slots, in expert order. The
+    gradient is gathered back through the inverse permutation and summed over a token's slots,
+    instead of index_select's scatter-add backward (slower on CPU, nondeterministic on GPU)."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, token_of_slot: torch.Tensor, slot_of_rank: torch.Tensor,
+                top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(slot_of_rank)
+        ctx.top_k = top_k
+        return flat.index_select(0, token_of_slot)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (slot_of_rank,) = ctx.saved_tensors
+        per_slot = grad.index_select(0, slot_of_rank)  # back to token-major slot order
+        return per_slot.view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
+
+
 class SparseMoE(nn.Module):
     """Mixture-of-experts feed-forward: each token goes through its top_k routed experts
     (SwiGLU, `intermediate_size` wide each), weighted by the router; with n_shared_experts > 0 a
@@ -180,11 +199,11 @@ class SparseMoE(nn.Module):
 
     Dispatch is by expert, not by token: the (token, slot) pairs are sorted by expert id, the
     tokens gathered in that order, each expert runs one matmul chain over its contiguous slice,
-    and the weighted results are added back into their tokens with one index_add_.
+    and the weighted results are added back into their tokens with one index_add.
 
-    After each forward `last_counts` (assignments per expert) and `last_entropy` (mean router
-    entropy, nats) hold detached statistics for logging, and `last_aux_loss` the unscaled
-    load-balancing loss of that forward."""
+    After each forward `last_counts` (assignments per expert) and `last_probs` (router
+    probabilities) hold detached statistics for logging (EtudeModel.routing_stats), and
+    `last_aux_loss` the unscaled load-balancing loss of that forward."""
 
     def __init__(self, config: EtudeConfig):
         super().__init__()
@@ -198,8 +217,15 @@ class SparseMoE(nn.Module):
             self.shared_expert = FeedForward(config.hidden_size, config.n_shared_experts * config.intermediate_size)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
         self.last_counts: torch.Tensor | None = None
-        self.last_entropy: torch.Tensor | None = None
+        self.last_probs: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
+
+    def router_entropy(self) -> torch.Tensor | None:
+        """Mean entropy (nats) of the last forward's router distributions."""
+        if self.last_probs is None:
+            return None
+        probs = self.last_probs.float()
+        return -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -209,7 +235,9 @@ class SparseMoE(nn.Module):
         order = flat_experts.argsort(stable=True)                # slots grouped by expert
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
         token_of_slot = order // self.top_k
-        routed = flat.index_select(0, token_of_slot)
+        rank_of_slot = torch.empty_like(order)  # the inverse permutation of `order`
+        rank_of_slot[order] = torch.arange(order.numel(), device=order.device)
+        routed = _GatherSlots.apply(flat, token_of_slot, rank_of_slot, self.top_k)
         # One host sync for the split sizes; a loop over experts (few), never over tokens.
         outputs = [expert(chunk) for expert, chunk in zip(self.experts, routed.split(counts.tolist()))]
         slot_weights = weights.reshape(-1).index_select(0, order).unsqueeze(-1)
@@ -220,9 +248,7 @@ class SparseMoE(nn.Module):
             shared = self.shared_expert(flat)
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * shared
         self.last_aux_loss = load_balancing_loss(probs, counts, self.top_k)
-        with torch.no_grad():
-            self.last_counts = counts.detach()
-            self.last_entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
+        self.last_counts, self.last_probs = counts.detach(), probs.detach()
         return out.reshape(shape[:-1] + (out.shape[-1],))
 
 
@@ -384,7 +410,7 @@ class EtudeModel(nn.Module):
             return None
         counts = torch.stack([moe.last_counts for moe in layers]).float().cpu()
         shares = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
-        entropy = torch.stack([moe.last_entropy for moe in layers]).float().cpu()
+        entropy = torch.stack([moe.router_entropy() for moe in layers]).float().cpu()
         return {"expert_share": [[round(v, 4) for v in row] for row in shares.tolist()],
                 "router_entropy": [round(v, 4) for v in entropy.tolist()]}
 

@@ -204,7 +204,7 @@ def test_export_matches_transformers_and_imports_back(tmp_path, tiny_tokenizer_d
     assert list(model.generate(prompt, max_new_tokens=16)) == theirs
 
     # Back to an Etude folder: the same config and bit-identical weights.
-    assert convert_main(["--import", str(out), "--out", str(tmp_path / "back"), "--verify"]) == 0
+    assert convert_main(["--import", str(out), "--out", str(tmp_path / "back")]) == 0
     back = load_model_folder(tmp_path / "back")
     assert back.config == model.config
     original = model.state_dict_for_save()
@@ -241,14 +241,14 @@ def test_tiny_moe_pretraining_learns_and_logs_expert_shares(tmp_path, tiny_token
     assert pretrain_main(["--preset", "tiny-moe", "--data", str(tmp_path / "train.jsonl"),
                           "--val-data", str(tmp_path / "val.jsonl"), "--tokenizer-dir", str(tiny_tokenizer_dir),
                           "--out-dir", str(out), "--model-config", json.dumps(toy), "--seq-len", "32",
-                          "--batch-size", "4", "--warmup-steps", "5", "--lr", "3e-3", "--max-steps", "40",
-                          "--eval-every", "40", "--eval-batches", "2", "--log-every", "10", "--device", "cpu",
+                          "--batch-size", "4", "--warmup-steps", "5", "--lr", "3e-3", "--max-steps", "30",
+                          "--eval-every", "30", "--eval-batches", "2", "--log-every", "10", "--device", "cpu",
                           "--dtype", "fp32"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_loss" in r]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
     routing = [r for r in records if "expert_share" in r]
-    assert [r["step"] for r in routing] == [10, 20, 30, 40]
+    assert [r["step"] for r in routing] == [10, 20, 30]
     for record in routing:
         assert len(record["expert_share"]) == 2 and len(record["router_entropy"]) == 2
         for shares in record["expert_share"]:
