@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ import torch
 from config import ROOT, EtudeConfig
 from inference.inference import Chat
 from inference.server import StopMatcher, main as server_main
+from model.lora import apply_lora, load_adapter, lora_modules, save_adapter
 from model.checkpoint import load_model_folder, save_model_folder
 from model.model import IGNORE_INDEX, EtudeModel
 from model.tokenizer import load_tokenizer
@@ -94,11 +96,10 @@ def wait_until(condition, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def server(toy_model):
+def start_server(folder: Path, *flags: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(ROOT / "inference" / "server.py"), "--model", str(toy_model["folder"]),
-                                "--port", str(port), "--threads", "1", "--max-queue", "1", "--log-level", "warning"],
+    process = subprocess.Popen([sys.executable, str(ROOT / "inference" / "server.py"), "--model", str(folder),
+                                "--port", str(port), "--threads", "1", "--log-level", "warning", *flags],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
 
@@ -111,6 +112,13 @@ def server(toy_model):
             return False
 
     wait_until(up, 60, "the server to answer /health")
+    return process, port
+
+
+@pytest.fixture(scope="module")
+def server(toy_model):
+    process, port = start_server(toy_model["folder"], "--max-queue", "1")
+    url = f"http://127.0.0.1:{port}"
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
     yield {"url": url, "port": port, "client": client, "name": MODEL}
     process.terminate()
@@ -355,6 +363,30 @@ def test_command_line_errors(toy_model, tmp_path, capsys):
     assert server_main(["--model", str(toy_model["folder"]), "--port", "70000", "--max-queue", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--port must be in 0..65535" in err and "--max-queue must be >= 0" in err
+
+
+def test_lora_adapter_is_served(toy_model, tmp_path):
+    """--lora FOLDER serves the adapted model: its greedy answers equal a Chat on the base
+    model with load_adapter, and differ from the plain model's."""
+    adapted = load_model_folder(toy_model["folder"])
+    apply_lora(adapted, r=4, seed=0)
+    with torch.no_grad():
+        for module in lora_modules(adapted).values():  # B starts at zero: give the adapter an effect
+            module.lora_B.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    save_adapter(adapted, tmp_path / "adapter", base_model=toy_model["folder"])
+    model = load_adapter(load_model_folder(toy_model["folder"]), tmp_path / "adapter")
+    expected = Chat(model, toy_model["tokenizer"], max_new_tokens=20, temperature=0)
+    process, port = start_server(toy_model["folder"], "--lora", str(tmp_path / "adapter"))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == [f"{MODEL}+adapter"]
+        for messages in CONVERSATIONS[:2]:
+            reply = client.chat.completions.create(model=f"{MODEL}+adapter", messages=messages, temperature=0,
+                                                   max_tokens=20)
+            assert reply.choices[0].message.content == expected.answer(messages) != greedy(toy_model, 20).answer(messages)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 # ---- the browser page --------------------------------------------------------------------
