@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import queue
 import secrets
 import sys
@@ -83,7 +84,7 @@ def _number(body: dict, name: str, low: float, high: float, *, low_open: bool = 
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"{name} must be a number, got {json.dumps(value)}", name, "invalid_type")
-    if value < low or (low_open and value == low) or value > high:
+    if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise RequestError(f"{name} must be in {interval}, got {value}", name, "invalid_value")
     return float(value)

@@ -264,6 +264,9 @@ def test_invalid_requests_get_openai_error_bodies(server, body, status, param):
 def test_error_statuses_of_json_routes_and_client(server):
     code, reply = post(server["url"] + "/v1/chat/completions", b'{"messages": [')
     assert code == 400 and reply["error"]["code"] == "invalid_json"
+    code, reply = post(server["url"] + "/v1/chat/completions",
+                       b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}')
+    assert code == 400 and reply["error"]["param"] == "temperature"
     code, reply = post(server["url"] + "/v1/completions", {"prompt": "hi"})
     assert code == 404 and "POST /v1/chat/completions" in reply["error"]["message"]
     try:
