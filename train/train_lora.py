@@ -74,6 +74,8 @@ def check_resumable(out_dir: Path, model, settings: dict, base: str | None) -> N
         changed = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in now if saved.get(k) != now.get(k))
         raise ConfigError(f"the checkpoint in {found} was made with other LoRA settings ({changed}); run with the "
                           "same --lora-* flags and --init-from to resume, or pass --no-resume to start over")
+    if not (found / WEIGHTS_FILE).is_file():  # an FSDP checkpoint (sharded): the trainer checks it on load
+        return
     from safetensors import safe_open
     with safe_open(str(found / WEIGHTS_FILE), framework="pt") as handle:
         shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
