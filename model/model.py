@@ -171,22 +171,27 @@ class MoERouter(nn.Module):
         return weights, experts, probs
 
 
+# Expert row counts are rounded up to a multiple of this for bf16/fp16 matmuls on CPU (see SparseMoE).
+CPU_ROW_BUCKET = 64
+
+
 class _GatherSlots(torch.autograd.Function):
-    """rows = flat[token_of_slot]: each token copied to its top_k slots, in expert order. The
-    gradient is gathered back through the inverse permutation and summed over a token's slots,
-    instead of index_select's scatter-add backward (slower on CPU, nondeterministic on GPU)."""
+    """rows = flat[token_of_row]: each token copied to the rows of its top_k slots, in expert
+    order. The gradient is gathered back through row_of_slot (the rows of the slots, token-major)
+    and summed over a token's slots, instead of index_select's scatter-add backward (slower on
+    CPU, nondeterministic on GPU). Rows that no slot owns (padding) get no gradient."""
 
     @staticmethod
-    def forward(ctx, flat: torch.Tensor, token_of_slot: torch.Tensor, slot_of_rank: torch.Tensor,
+    def forward(ctx, flat: torch.Tensor, token_of_row: torch.Tensor, row_of_slot: torch.Tensor,
                 top_k: int) -> torch.Tensor:
-        ctx.save_for_backward(slot_of_rank)
+        ctx.save_for_backward(row_of_slot)
         ctx.top_k = top_k
-        return flat.index_select(0, token_of_slot)
+        return flat.index_select(0, token_of_row)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (slot_of_rank,) = ctx.saved_tensors
-        per_slot = grad.index_select(0, slot_of_rank)  # back to token-major slot order
+        (row_of_slot,) = ctx.saved_tensors
+        per_slot = grad.index_select(0, row_of_slot)
         return per_slot.view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
 
 
@@ -234,16 +239,28 @@ class SparseMoE(nn.Module):
         flat_experts = experts.reshape(-1)                       # (N * top_k,), token-major
         order = flat_experts.argsort(stable=True)                # slots grouped by expert
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
-        token_of_slot = order // self.top_k
-        rank_of_slot = torch.empty_like(order)  # the inverse permutation of `order`
-        rank_of_slot[order] = torch.arange(order.numel(), device=order.device)
-        routed = _GatherSlots.apply(flat, token_of_slot, rank_of_slot, self.top_k)
-        # One host sync for the split sizes; a loop over experts (few), never over tokens.
-        outputs = [expert(chunk) for expert, chunk in zip(self.experts, routed.split(counts.tolist()))]
-        slot_weights = weights.reshape(-1).index_select(0, order).unsqueeze(-1)
-        expert_out = torch.cat(outputs) * slot_weights.to(outputs[0].dtype)
+        rows = counts
+        if flat.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or flat.dtype != torch.float32):
+            # oneDNN builds a bf16/fp16 CPU matmul per new shape, and the experts' row counts change
+            # every step (measured: tiny-moe bf16 steps 2.2x dense instead of ~1.1x). Rounding each
+            # expert's rows up to a multiple of CPU_ROW_BUCKET keeps the shapes few; the padding rows
+            # read token 0 and carry weight 0, so they add exactly nothing.
+            rows = (counts + CPU_ROW_BUCKET - 1) // CPU_ROW_BUCKET * CPU_ROW_BUCKET
+        shift = (rows.cumsum(0) - rows) - (counts.cumsum(0) - counts)
+        row_of_rank = torch.arange(order.numel(), device=order.device) + shift[flat_experts[order]]
+        n_rows = int(rows.sum())  # the one host sync (the split sizes below need it anyway)
+        token_of_row = torch.zeros(n_rows, dtype=torch.long, device=flat.device)
+        token_of_row[row_of_rank] = order // self.top_k
+        row_weights = weights.new_zeros(n_rows)
+        row_weights[row_of_rank] = weights.reshape(-1)[order]
+        row_of_slot = torch.empty_like(order)
+        row_of_slot[order] = row_of_rank
+        routed = _GatherSlots.apply(flat, token_of_row, row_of_slot, self.top_k)
+        # A loop over experts (few), never over tokens: one SwiGLU per expert on its slice.
+        outputs = [expert(chunk) for expert, chunk in zip(self.experts, routed.split(rows.tolist()))]
+        expert_out = torch.cat(outputs) * row_weights.unsqueeze(-1).to(outputs[0].dtype)
         out = torch.zeros((flat.shape[0], expert_out.shape[-1]), dtype=expert_out.dtype, device=flat.device)
-        out = out.index_add(0, token_of_slot, expert_out)
+        out = out.index_add(0, token_of_row, expert_out)
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * shared
