@@ -3,11 +3,11 @@ active parameters (a benchmark, not a test).
 
     python tool/bench_moe.py                                   # tiny-moe vs tiny, batch 8 x 256
     python tool/bench_moe.py --moe-preset small-moe --dense-preset small --batch-size 4 --seq-len 512
-    python tool/bench_moe.py --steps 20 --threads 2
+    python tool/bench_moe.py --steps 20 --threads 2 --dtype bf16
 
-A step is forward + backward + AdamW (fused where available) on random token ids, in fp32 on the
-CPU (or --device). The two models alternate step by step (dense, MoE, dense, MoE, ...) so that a
-machine whose speed drifts (other jobs, turbo) affects both alike; each is reported by its median
+A step is forward + backward + AdamW (fused where available) on fresh random token ids, in fp32
+(or --dtype bf16 autocast) on the CPU (or --device). The two models alternate step by step (dense,
+MoE, dense, MoE, ...) so that a machine whose speed drifts (other jobs, turbo) affects both alike; each is reported by its median
 and its fastest run. Printed: the active and total parameters of each, the step times, and the
 ratio MoE / dense (the aim is <= 1.3x), for the whole model and for the feed-forward layer alone
 (SparseMoE against FeedForward, forward + backward on the same hidden states), where the
@@ -61,20 +61,34 @@ def alternate(steps: dict[str, callable], repeats: int, warmup: int,
     return {name: (statistics.median(values), min(values)) for name, values in times.items()}
 
 
-def training_step(model: EtudeModel, ids: torch.Tensor):
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def training_step(model: EtudeModel, ids: torch.Tensor, dtype: torch.dtype):
     optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4, fused=ids.device.type in ("cpu", "cuda"))
+    generator = torch.Generator(device=ids.device).manual_seed(1)
 
     def step():
-        _, loss, aux_loss = model(ids[:, :-1], labels=ids[:, 1:])
+        # Fresh ids every step, as in training: the experts' row counts (so the matmul shapes)
+        # change from step to step, which a fixed batch would hide.
+        ids.random_(0, model.config.vocab_size, generator=generator)
+        with autocast(ids.device, dtype):
+            _, loss, aux_loss = model(ids[:, :-1], labels=ids[:, 1:])
         (loss + aux_loss).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
 
 
-def layer_step(layer: torch.nn.Module, hidden: torch.Tensor):
+def layer_step(layer: torch.nn.Module, hidden: torch.Tensor, dtype: torch.dtype):
+    generator = torch.Generator(device=hidden.device).manual_seed(2)
+
     def step():
-        layer(hidden).square().mean().backward()
+        hidden.normal_(generator=generator)
+        with autocast(hidden.device, dtype):
+            out = layer(hidden)
+        out.float().square().mean().backward()
         layer.zero_grad(set_to_none=True)
     return step
 
@@ -90,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--warmup", type=int, default=2, help="untimed steps of each model first (default 2)")
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add("--dtype", choices=("fp32", "bf16"), default="fp32",
+        help="fp32, or bf16 autocast as the trainer uses where the hardware runs it fast (default fp32)")
     add("--seed", type=int, default=0, help="seed for the weights and the token ids (default 0)")
     return parser
 
@@ -116,19 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     models = {"dense": EtudeModel(dense_config).to(device), "moe": EtudeModel(moe_config).to(device)}
     ids = torch.randint(0, min(dense_config.vocab_size, moe_config.vocab_size),
                         (args.batch_size, args.seq_len + 1), device=device)
-    print(f"{torch.get_num_threads()} threads on {device}; batch {args.batch_size} x {args.seq_len} tokens, fp32, "
+    print(f"{torch.get_num_threads()} threads on {device}; batch {args.batch_size} x {args.seq_len} tokens, {args.dtype}, "
           f"{args.steps} alternating steps after {args.warmup} warm-up")
     for name, preset in (("dense", args.dense_preset), ("moe", args.moe_preset)):
         model = models[name]
         print(f"  {name:5s} {preset:10s} {active_parameters(model) / 1e6:6.2f}M active, "
               f"{model.num_parameters() / 1e6:6.2f}M total parameters")
 
-    step = alternate({name: training_step(model, ids) for name, model in models.items()},
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    step = alternate({name: training_step(model, ids.clone(), dtype) for name, model in models.items()},
                      args.steps, args.warmup, device)
     hidden = torch.randn(args.batch_size, args.seq_len, dense_config.hidden_size, device=device)
     layers = {"dense": FeedForward(dense_config.hidden_size, dense_config.intermediate_size).to(device),
               "moe": SparseMoE(moe_config).to(device)}
-    layer = alternate({name: layer_step(module, hidden) for name, module in layers.items()},
+    layer = alternate({name: layer_step(module, hidden, dtype) for name, module in layers.items()},
                       args.steps, args.warmup, device)
     for what, times in (("training step (fwd+bwd+AdamW)", step), ("feed-forward layer alone (fwd+bwd)", layer)):
         (dense, dense_min), (moe, moe_min) = times["dense"], times["moe"]
