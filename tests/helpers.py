@@ -55,11 +55,15 @@ def step_losses(out_dir: Path) -> dict[int, float]:
     return losses
 
 
-def assert_same_losses(resumed: Path, reference: Path) -> None:
-    """Per-step losses of a resumed run equal those of the uninterrupted one, bit for bit."""
+def assert_same_losses(resumed: Path, reference: Path, rel: float = 0.0) -> None:
+    """Per-step losses of a resumed run equal those of the uninterrupted one: bit for bit by
+    default, or within a relative tolerance `rel` where the kernels themselves are not
+    reproducible across processes (a resume bug - another batch, lost optimizer moments, a reset
+    schedule - moves a loss by 1e-2 or more, far beyond such a tolerance)."""
     got, want = step_losses(resumed), step_losses(reference)
-    differ = {step: (got.get(step), want.get(step)) for step in sorted(set(got) | set(want))
-              if got.get(step) != want.get(step)}
+    assert sorted(got) == sorted(want), f"steps logged differ: {sorted(set(got) ^ set(want))}"
+    differ = {step: (got[step], want[step]) for step in sorted(want)
+              if abs(got[step] - want[step]) > rel * abs(want[step])}
     assert not differ, f"steps whose loss differs (resumed, reference): {differ}"
 
 

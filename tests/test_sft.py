@@ -113,9 +113,10 @@ def test_batched_greedy_equals_one_by_one(toy):
 
 
 def test_sft_resume_is_exact(toy, tmp_path):
-    # fp32, and both runs in fresh processes: the comparison is bit for bit, and bf16 CPU kernels
-    # have been seen to round differently in a long-lived test process than in a fresh one
-    # (a CI run differed from step 1, before any resume), which is noise, not a resume bug.
+    # Both runs in fresh fp32 processes. On this machine they agree bit for bit; on the CI machine
+    # two fresh runs of the same command already differed at step 1 (before any resume) by ~1e-6
+    # relative - the CPU kernels there are not reproducible across processes - so the comparison
+    # allows 1e-5. The pretraining test (tests/test_pretrain.py) keeps the bit-for-bit check.
     args = [*toy["sft_args"], "--max-steps", "60", "--save-every", "10", "--dtype", "fp32"]
     reference = tmp_path / "reference"
     done = launch("train/train_sft.py", [*args, "--out-dir", str(reference)])
@@ -130,7 +131,7 @@ def test_sft_resume_is_exact(toy, tmp_path):
     resumed = launch("train/train_sft.py", [*args, "--out-dir", str(interrupted)])
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
-    assert_same_losses(interrupted, reference)
+    assert_same_losses(interrupted, reference, rel=1e-5)
 
 
 def test_one_shot_chat_without_a_terminal(toy):
