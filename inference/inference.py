@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,8 +49,9 @@ class Chat:
                              repetition_penalty=repetition_penalty)
         device = model.embed_tokens.weight.device
         self.generator = torch.Generator(device=device)
-        if seed is not None:
-            self.generator.manual_seed(seed)
+        # No seed: a fresh one each run (a bare Generator starts from the same fixed seed, so
+        # every run would sample the same text).
+        self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         self.stop_ids = (tokenizer.im_end_id, tokenizer.eos_id)
 
     def prompt_ids(self, messages: list[dict]) -> tuple[list[int], str | None]:

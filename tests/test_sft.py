@@ -112,6 +112,21 @@ def test_batched_greedy_equals_one_by_one(toy):
     assert len(set(one_by_one)) > 3
 
 
+def test_sampling_seed_fixes_the_text_and_no_seed_varies_it(toy):
+    model = load_model_folder(toy["folder"] / "sft")
+    messages = [{"role": "user", "content": QA[0][0]}]
+
+    def sample(seed):
+        return Chat(model, toy["tokenizer"], max_new_tokens=24, temperature=1.5, top_k=None, top_p=None,
+                    seed=seed).answer(messages)
+
+    assert sample(7) == sample(7)
+    # Unseeded chats draw a fresh seed each (a bare torch.Generator would start every run alike).
+    unseeded = [Chat(model, toy["tokenizer"]).generator.initial_seed() for _ in range(3)]
+    assert len(set(unseeded)) == 3
+    assert len({sample(None) for _ in range(6)}) > 1  # 17 of 20 seeded samples differ
+
+
 def test_sft_resume_is_exact(toy, tmp_path):
     # Both runs in fresh fp32 processes. On this machine they agree bit for bit; on the CI machine
     # two fresh runs of the same command already differed at step 1 (before any resume) by ~1e-6
