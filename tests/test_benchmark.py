@@ -1,0 +1,60 @@
+"""tool/benchmark.py: a --quick run at the toy shape writes every figure, Etude and transformers
+hold the same weights (equal logits, equal greedy tokens), and bad flags are refused clearly.
+Nothing here asserts a speed: timings on a shared CPU are not a test."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tool.benchmark import main as benchmark_main
+
+
+def test_quick_toy_run_writes_every_figure(tmp_path, tiny_tokenizer_dir, tiny_text_corpus, capsys):
+    out = tmp_path / "bench.json"
+    code = benchmark_main(["--shape", "toy", "--quick", "--threads", "1", "--json", str(out),
+                           "--tokenizer", str(tiny_tokenizer_dir), "--data", str(tiny_text_corpus),
+                           "--new-tokens", "8", "--text-mb", "0.05"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    for key in ("train_speedup_bf16", "train_speedup_fp32", "decode_speedup", "decode_speedup_bf16",
+                "prefill_speedup", "tokenizer_encode_mb_s", "data_cache_build_mb_s", "copy_bandwidth_bytes_per_s"):
+        assert report[key] > 0, key
+    assert report["threads"] == 1
+    for what in ("train", "decode", "prefill"):
+        for dtype in ("fp32", "bf16"):
+            for impl in ("etude", "transformers"):
+                assert report[what][dtype][impl]["tokens_per_s"] > 0
+    for dtype in ("fp32", "bf16"):
+        assert 0 < report["train"][dtype]["etude"]["mfu"] < 1
+        floor = report["decode"][dtype]["etude"]["floor_ms_per_token"]
+        assert floor == report["decode"][dtype]["transformers"]["floor_ms_per_token"] > 0
+    # bf16 weights are half the bytes: half the bandwidth floor.
+    assert report["decode"]["bf16"]["etude"]["floor_ms_per_token"] == pytest.approx(
+        report["decode"]["fp32"]["etude"]["floor_ms_per_token"] / 2)
+    # The two implementations run the same model: same logits, same greedy continuation in fp32.
+    assert report["logits_max_abs_diff"] < 1e-4
+    assert report["greedy_tokens_agree"]["fp32"] == 1.0
+    assert report["train_speedup_fp32"] == pytest.approx(
+        report["train"]["fp32"]["etude"]["tokens_per_s"] / report["train"]["fp32"]["transformers"]["tokens_per_s"])
+    assert "train fp32" in capsys.readouterr().out
+
+
+def test_no_tokenizer_skips_text_figures_with_the_reason(tmp_path):
+    out = tmp_path / "bench.json"
+    code = benchmark_main(["--shape", "toy", "--quick", "--dtypes", "fp32", "--steps", "1", "--warmup", "0",
+                           "--new-tokens", "2", "--prefill-len", "8", "--json", str(out),
+                           "--tokenizer", str(tmp_path / "none")])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["tokenizer_encode_mb_s"] is None and report["train_speedup_bf16"] is None
+    assert "train_tokenizer.py" in report["text"]["skipped"]
+    assert report["train_speedup_fp32"] > 0 and report["decode_speedup"] > 0
+
+
+def test_bad_flags_are_reported_together(capsys):
+    code = benchmark_main(["--shape", "toy", "--steps", "0", "--dtypes", "fp8", "--threads", "-1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--steps must be positive" in err and "fp8" in err and "--threads" in err

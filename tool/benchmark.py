@@ -1,0 +1,471 @@
+"""Speed of Etude against Hugging Face transformers' LlamaForCausalLM, side by side in one run,
+on the same weights and the same shape.
+
+    python tool/benchmark.py                        # the issue-11 shape: hidden 512, 8 layers, seq 512
+    python tool/benchmark.py --threads 1 --json bench.json
+    python tool/benchmark.py --shape base --device cuda
+    python tool/benchmark.py --shape toy --quick    # a smoke test in seconds
+
+Measured, and printed as one table:
+  - training: tokens/s of a forward + backward + AdamW step (fused where available, for both),
+    in fp32 and under bf16 autocast; the two implementations alternate step by step so that a
+    machine whose speed drifts (other jobs, turbo) slows both alike; medians. MFU is the achieved
+    FLOP/s (6 per matmul weight per token plus attention, model/model.py flops_per_token) over a
+    matmul ceiling measured here at the model's own matmul shapes (on a known GPU in bf16: the
+    datasheet peak);
+  - decoding at batch 1: a 32-token prompt, 256 new tokens, greedy, native EtudeModel.generate
+    against transformers' generate, fp32 and bf16 weights each; beside each figure the
+    weight-bandwidth floor: weight bytes read per token / measured copy bandwidth;
+  - prefill at batch 1 (one forward over --prefill-len tokens into an empty cache), tokens/s;
+  - tokenizer encode MB/s and token-cache build MB/s (train/data.py build_token_cache on a
+    temporary copy of --data), when a tokenizer exists.
+The headline is the ratio Etude / transformers. The JSON (--json) holds every figure; its top
+level has train_speedup_bf16, train_speedup_fp32 and decode_speedup (fp32 weights, the CPU
+inference default) and decode_speedup_bf16.
+
+Shapes (--shape): `issue` (default; vocab 6400, hidden 512, 8 layers, 8 heads = kv heads, seq 512,
+batch 8, ~29M parameters, tied embeddings), `toy` (for tests), and every dense repository preset
+(tiny, small, base) with its pretraining seq_len and batch size. --batch-size / --seq-len override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from config import PRESETS, PRETRAIN_DATA, TOKENIZER_DIR, ConfigError, EtudeConfig, TrainConfig
+from model.hf_llama import config_to_hf, state_to_hf
+from model.model import EtudeModel, KVCache
+
+SHAPES: dict[str, dict] = {
+    "issue": {"model": dict(vocab_size=6400, hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=8,
+                            tie_embeddings=True), "batch_size": 8, "seq_len": 512},
+    "toy": {"model": dict(vocab_size=512, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                          tie_embeddings=True), "batch_size": 2, "seq_len": 32},
+}
+for _name, _preset in PRESETS.items():
+    if not _preset["model"].get("use_moe"):  # transformers Llama is dense; MoE has tool/bench_moe.py
+        _pretrain = _preset.get("pretrain", {})
+        SHAPES.setdefault(_name, {"model": dict(_preset["model"]),
+                                  "batch_size": _pretrain.get("batch_size", TrainConfig.batch_size),
+                                  "seq_len": _pretrain.get("seq_len", TrainConfig.seq_len)})
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ("etude", "transformers")
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict[str, callable], repeats: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each fn over `repeats` rounds after `warmup` untimed ones, the fns taking turns
+    within a round (and the first of a round alternating) so that drift hits both alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for round_index in range(warmup + repeats):
+        order = names if round_index % 2 == 0 else names[::-1]
+        for name in order:
+            seconds = timed(fns[name], device)
+            if round_index >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int, int]],
+                   repeats: int) -> float:
+    """The best FLOP/s of plain matmuls (m, k) @ (k, n) in `dtype`: the ceiling a training step's
+    matmuls could reach on this machine now."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype, generator=generator)
+        b = torch.randn(k, n, device=device, dtype=dtype, generator=generator)
+        a @ b  # first call builds the kernel
+        for _ in range(repeats):
+            seconds = timed(lambda: a @ b, device)
+            best = max(best, 2 * m * k * n / seconds)
+    return best
+
+
+def copy_bandwidth(device: torch.device, megabytes: int, repeats: int) -> float:
+    """Bytes/s of a large tensor copy, counting what is read and what is written (STREAM's copy)."""
+    n = megabytes * (1 << 20) // 4
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(timed(lambda: dst.copy_(src), device) for _ in range(repeats))
+    return 2 * n * 4 / best
+
+
+# ---- the two models on the same weights -------------------------------------------------------------
+
+def build_models(config: EtudeConfig, device: torch.device, seed: int):
+    """An EtudeModel and a transformers LlamaForCausalLM holding exactly the same weights (ours,
+    renamed by model/hf_llama.py as the exporter does)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    etude = EtudeModel(config).to(device)
+    hf_config = LlamaConfig(**config_to_hf(config, {"bos": 0, "eos": 0, "pad": 0}, dtype="fp32"))
+    hf_config._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(hf_config).to(device)
+    result = hf.load_state_dict(state_to_hf(etude.state_dict_for_save(), config), strict=False)
+    allowed = {"lm_head.weight"} if config.tie_embeddings else set()
+    if set(result.missing_keys) - allowed or result.unexpected_keys:
+        raise RuntimeError(f"transformers model did not take the weights: missing {result.missing_keys}, "
+                           f"unexpected {result.unexpected_keys}")
+    if config.tie_embeddings and hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr():
+        raise RuntimeError("transformers did not tie lm_head to embed_tokens")
+    return etude, hf
+
+
+def logits_difference(etude: EtudeModel, hf, config: EtudeConfig, device: torch.device) -> float:
+    """Largest |logit difference| of the two models on one random sequence (fp32): proof that
+    they are the same model, so that the speeds compare like with like."""
+    ids = torch.randint(0, config.vocab_size, (1, 16), device=device)
+    with torch.no_grad():
+        ours = etude(ids)[0]
+        theirs = hf(input_ids=ids).logits
+    return float((ours - theirs).abs().max())
+
+
+def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW as the trainer builds it (fused on CPU and CUDA): matrices decay, the rest not."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=1e-4, fused=device.type in ("cpu", "cuda"))
+
+
+def train_steps(etude: EtudeModel, hf, batch: torch.Tensor, dtype: torch.dtype, device: torch.device):
+    """One training-step closure per implementation; both see the same inputs and targets."""
+    inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    optimizers = {"etude": adamw(etude, device), "transformers": adamw(hf, device)}
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def etude_step():
+        with autocast():
+            _, loss, _ = etude(inputs, labels=targets)
+        loss.backward()
+        optimizers["etude"].step()
+        optimizers["etude"].zero_grad(set_to_none=True)
+
+    def hf_step():
+        with autocast():
+            # shift_labels: the targets are already shifted, exactly as Etude's labels are.
+            loss = hf(input_ids=inputs, labels=targets, shift_labels=targets).loss
+        loss.backward()
+        optimizers["transformers"].step()
+        optimizers["transformers"].zero_grad(set_to_none=True)
+
+    return {"etude": etude_step, "transformers": hf_step}
+
+
+def weight_bytes_per_token(model: EtudeModel, dtype: torch.dtype) -> int:
+    """Bytes of weights a decoding step reads: every matmul weight, the output layer included
+    (a tied one read as lm_head), but only one row of the embedding table."""
+    return int(model.flops_per_token(seq_len=0) / 6) * torch.finfo(dtype).bits // 8
+
+
+# ---- the measurements -------------------------------------------------------------------------------
+
+def measure_training(etude, hf, config, args, device, ceilings, peaks) -> dict:
+    generator = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator).to(device)
+    tokens = args.batch_size * args.seq_len
+    flops_per_token = etude.flops_per_token(args.seq_len)
+    out = {}
+    for dtype_name in args.dtypes:
+        steps = train_steps(etude, hf, batch, DTYPES[dtype_name], device)
+        times = alternate(steps, args.steps, args.warmup, device)
+        peak, peak_source = peaks.get(dtype_name, (ceilings[dtype_name], "measured matmul ceiling"))
+        out[dtype_name] = {}
+        for impl in IMPLS:
+            median = statistics.median(times[impl])
+            tokens_per_s = tokens / median
+            out[dtype_name][impl] = {
+                "tokens_per_s": tokens_per_s, "step_ms_median": median * 1e3, "step_ms_min": min(times[impl]) * 1e3,
+                "step_ms_all": [round(t * 1e3, 1) for t in times[impl]],
+                "tflops": tokens_per_s * flops_per_token / 1e12,
+                "mfu": tokens_per_s * flops_per_token / peak, "mfu_against": peak_source}
+        print(f"  train {dtype_name}: etude {out[dtype_name]['etude']['tokens_per_s']:,.0f} tok/s, "
+              f"transformers {out[dtype_name]['transformers']['tokens_per_s']:,.0f} tok/s", flush=True)
+    return out
+
+
+def measure_decoding(etude, hf, config, args, device, bandwidth) -> tuple[dict, dict, dict]:
+    generator = torch.Generator(device="cpu").manual_seed(args.seed + 2)
+    prompt = torch.randint(3, config.vocab_size, (args.prompt_len,), generator=generator).to(device)
+    prefill_ids = torch.randint(3, config.vocab_size, (1, args.prefill_len), generator=generator).to(device)
+    new = args.new_tokens
+    decode, prefill, outputs = {}, {}, {}
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        ours = copy.deepcopy(etude).to(dtype).eval()
+        theirs = copy.deepcopy(hf).to(dtype).eval()
+        generated: dict[str, list[int]] = {}
+
+        def etude_decode():
+            generated["etude"] = list(ours.generate(prompt, max_new_tokens=new, temperature=0.0))
+
+        @torch.inference_mode()
+        def hf_decode():
+            result = theirs.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt[None]),
+                                     max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            generated["transformers"] = result[0, prompt.numel():].tolist()
+
+        @torch.inference_mode()
+        def etude_prefill():
+            cache = KVCache(config, 1, args.prefill_len, device, dtype)
+            ours(prefill_ids, kv_cache=cache, last_only=True)
+
+        @torch.inference_mode()
+        def hf_prefill():
+            theirs(input_ids=prefill_ids, use_cache=True, logits_to_keep=1)
+
+        times = alternate({"etude": etude_decode, "transformers": hf_decode}, args.decode_repeats, 1, device)
+        floor_s = weight_bytes_per_token(etude, dtype) / bandwidth
+        decode[dtype_name] = {impl: {"tokens_per_s": new / statistics.median(times[impl]),
+                                     "ms_per_token": statistics.median(times[impl]) / new * 1e3,
+                                     "floor_ms_per_token": floor_s * 1e3,
+                                     "floor_tokens_per_s": 1 / floor_s} for impl in IMPLS}
+        outputs[dtype_name] = dict(generated)
+        times = alternate({"etude": etude_prefill, "transformers": hf_prefill}, args.decode_repeats, 1, device)
+        prefill[dtype_name] = {impl: {"tokens_per_s": args.prefill_len / statistics.median(times[impl])}
+                               for impl in IMPLS}
+        print(f"  decode {dtype_name}: etude {decode[dtype_name]['etude']['tokens_per_s']:,.1f} tok/s, "
+              f"transformers {decode[dtype_name]['transformers']['tokens_per_s']:,.1f} tok/s", flush=True)
+    return decode, prefill, outputs
+
+
+def measure_text(args) -> dict:
+    """Tokenizer encode MB/s and token-cache build MB/s, or why they were skipped."""
+    tokenizer_dir = Path(args.tokenizer)
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        return {"skipped": f"no tokenizer at {tokenizer_dir} (make one with `python train/train_tokenizer.py all`)"}
+    from model.tokenizer import load_tokenizer
+    from train.data import build_token_cache, iter_documents
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    limit = int(args.text_mb * 1e6)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "pretrain.jsonl"
+        data = Path(args.data)
+        if data.is_file():
+            # Whole lines of the user's corpus up to text_mb (a copy: the cache is written beside it).
+            with open(data, "rb") as src, open(source, "wb") as dst:
+                shutil.copyfileobj(_first_lines(src, limit), dst)
+            if data.suffix == ".txt":
+                source = source.rename(source.with_suffix(".txt"))
+        else:
+            words = "the quick brown fox jumps over a lazy dog while rivers run to the sea".split()
+            with open(source, "w", encoding="utf-8") as dst:
+                written, i = 0, 0
+                while written < limit:
+                    line = json.dumps({"text": " ".join(words[(i + j * 7) % len(words)] for j in range(200))}) + "\n"
+                    dst.write(line)
+                    written, i = written + len(line), i + 1
+        docs = list(iter_documents(source))
+        text_bytes = sum(len(doc.encode("utf-8")) for doc in docs)
+        encode_s = min(timed(lambda: tokenizer.encode_batch(docs), torch.device("cpu")) for _ in range(args.text_repeats))
+        cache_s = timed(lambda: build_token_cache(source, tokenizer, verbose=False), torch.device("cpu"))
+        return {"source": str(data if data.is_file() else "generated"), "text_mb": text_bytes / 1e6,
+                "tokenizer_encode_mb_s": text_bytes / 1e6 / encode_s,
+                "data_cache_build_mb_s": source.stat().st_size / 1e6 / cache_s}
+
+
+def _first_lines(handle, limit: int):
+    import io
+    data = handle.read(limit)
+    if len(data) == limit:
+        data += handle.readline()
+    return io.BytesIO(data)
+
+
+# ---- the command -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--shape", default="issue", choices=sorted(SHAPES), help="model shape, batch and seq_len (default issue)")
+    add("--batch-size", type=int, default=None, help="training sequences per step (default: the shape's)")
+    add("--seq-len", type=int, default=None, help="training tokens per sequence (default: the shape's)")
+    add("--steps", type=int, default=None, help="timed training steps of each (default 6; --quick 2)")
+    add("--warmup", type=int, default=None, help="untimed training steps of each first (default 2; --quick 1)")
+    add("--dtypes", default="fp32,bf16", help="comma-separated, of fp32 and bf16 (default both)")
+    add("--prompt-len", type=int, default=32, help="decoding prompt tokens (default 32)")
+    add("--new-tokens", type=int, default=None, help="tokens decoded per run (default 256; --quick 16)")
+    add("--prefill-len", type=int, default=None, help="prefill tokens at batch 1 (default: --seq-len)")
+    add("--decode-repeats", type=int, default=None, help="timed decoding runs of each (default 3; --quick 1)")
+    add("--tokenizer", default=str(TOKENIZER_DIR), help=f"tokenizer folder (default {TOKENIZER_DIR})")
+    add("--data", default=str(PRETRAIN_DATA),
+        help=f"corpus for the tokenizer and cache figures; generated text if missing (default {PRETRAIN_DATA})")
+    add("--text-mb", type=float, default=None, help="MB of it to tokenize (default 4; --quick 0.2)")
+    add("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; recorded)")
+    add("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    add("--seed", type=int, default=0, help="seed for the weights and the inputs (default 0)")
+    add("--quick", action="store_true", help="few steps and tokens: a smoke test, not a measurement")
+    add("--json", default=str(Path(tempfile.gettempdir()) / "etude_benchmark.json"),
+        help="where to write every figure as JSON (default <tmp>/etude_benchmark.json)")
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> EtudeConfig:
+    """Fill the defaults that depend on --shape / --quick; check everything, every problem at once."""
+    shape = SHAPES[args.shape]
+    quick = args.quick
+    for name, full, short in (("steps", 6, 2), ("warmup", 2, 1), ("new_tokens", 256, 16), ("decode_repeats", 3, 1),
+                              ("text_mb", 4.0, 0.2)):
+        if getattr(args, name) is None:
+            setattr(args, name, short if quick else full)
+    args.batch_size = args.batch_size or shape["batch_size"]
+    args.seq_len = args.seq_len or shape["seq_len"]
+    args.prefill_len = args.prefill_len or args.seq_len
+    args.text_repeats = 1 if quick else 3
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    problems = [f"--{n.replace('_', '-')} must be positive, got {getattr(args, n)}"
+                for n in ("batch_size", "seq_len", "steps", "prompt_len", "new_tokens", "prefill_len", "decode_repeats")
+                if getattr(args, n) <= 0]
+    if args.warmup < 0:
+        problems.append(f"--warmup must be >= 0, got {args.warmup}")
+    if args.text_mb <= 0:
+        problems.append(f"--text-mb must be positive, got {args.text_mb}")
+    if not args.dtypes or set(args.dtypes) - set(DTYPES):
+        problems.append(f"--dtypes must name some of {sorted(DTYPES)}, got {args.dtypes}")
+    if args.threads is not None and args.threads <= 0:
+        problems.append(f"--threads must be positive, got {args.threads}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    elif not (args.device == "cpu" or args.device.startswith("cuda")):
+        problems.append(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    longest = max(args.seq_len + 1, args.prompt_len + args.new_tokens, args.prefill_len)
+    model = dict(shape["model"])
+    model["max_seq_len"] = max(model.get("max_seq_len", 0), longest)
+    return EtudeConfig(**model)
+
+
+def ratio(figures: dict, dtype: str) -> float | None:
+    if dtype not in figures:
+        return None
+    return figures[dtype]["etude"]["tokens_per_s"] / figures[dtype]["transformers"]["tokens_per_s"]
+
+
+def print_table(report: dict) -> None:
+    rows = []
+    for what in ("train", "decode", "prefill"):
+        for dtype, pair in report[what].items():
+            etude, hf = pair["etude"], pair["transformers"]
+            extra = ""
+            if what == "train":
+                extra = f"MFU {etude['mfu']:.1%} vs {hf['mfu']:.1%}"
+            elif what == "decode":
+                extra = f"floor {etude['floor_ms_per_token']:.1f} ms/tok = {etude['floor_tokens_per_s']:,.0f} tok/s"
+            rows.append((f"{what} {dtype}", f"{etude['tokens_per_s']:,.1f}", f"{hf['tokens_per_s']:,.1f}",
+                         f"{etude['tokens_per_s'] / hf['tokens_per_s']:.2f}x", extra))
+    header = ("tokens/s", "etude", "transformers", "ratio", "")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
+    for row in [header] + rows:
+        print("  ".join(cell.rjust(w) if i in (1, 2, 3) else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    text = report["text"]
+    if "skipped" in text:
+        print(f"tokenizer / data cache: skipped ({text['skipped']})")
+    else:
+        print(f"tokenizer encode {text['tokenizer_encode_mb_s']:.2f} MB/s, data-cache build "
+              f"{text['data_cache_build_mb_s']:.2f} MB/s ({text['text_mb']:.1f} MB of {text['source']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = resolve(args)
+        import transformers
+    except (ConfigError, ValueError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    etude, hf = build_models(config, device, args.seed)
+    params = etude.num_parameters()
+    print(f"Etude vs transformers {transformers.__version__} LlamaForCausalLM, torch {torch.__version__}, "
+          f"{device} ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
+    print(f"shape {args.shape}: {params / 1e6:.1f}M parameters, hidden {config.hidden_size}, {config.n_layers} layers, "
+          f"{config.n_heads} heads / {config.n_kv_heads} kv, vocab {config.vocab_size}; train batch {args.batch_size} "
+          f"x {args.seq_len}; decode prompt {args.prompt_len} + {args.new_tokens} new, greedy", flush=True)
+    difference = logits_difference(etude, hf, config, device)
+
+    tokens = args.batch_size * args.seq_len
+    shapes = [(tokens, config.hidden_size, config.intermediate_size), (tokens, config.intermediate_size, config.hidden_size),
+              ] + ([] if args.quick else [(1024, 1024, 1024)])
+    ceilings = {d: matmul_ceiling(device, DTYPES[d], shapes, 2 if args.quick else 4) for d in args.dtypes}
+    peaks = {}
+    if device.type == "cuda":
+        from train.trainer import peak_flops  # datasheet bf16 peaks of known GPUs
+        peak, source = peak_flops(device, torch.bfloat16)
+        if "datasheet" in source and "bf16" in args.dtypes:
+            peaks["bf16"] = (peak, source)
+    bandwidth = copy_bandwidth(device, 64 if args.quick else 256, 3 if args.quick else 5)
+    print("matmul ceiling " + ", ".join(f"{d} {c / 1e12:.2f} TFLOP/s" for d, c in ceilings.items())
+          + f"; copy bandwidth {bandwidth / 1e9:.1f} GB/s; same weights: max |logit diff| {difference:.2e}", flush=True)
+
+    train = measure_training(etude, hf, config, args, device, ceilings, peaks)
+    decode, prefill, outputs = measure_decoding(etude, hf, config, args, device, bandwidth)
+    text = measure_text(args)
+    same_tokens = {d: sum(a == b for a, b in zip(o["etude"], o["transformers"])) / max(len(o["etude"]), 1)
+                   for d, o in outputs.items()}
+    report = {
+        "train_speedup_bf16": ratio(train, "bf16"), "train_speedup_fp32": ratio(train, "fp32"),
+        "decode_speedup": ratio(decode, "fp32") or ratio(decode, "bf16"), "decode_speedup_bf16": ratio(decode, "bf16"),
+        "prefill_speedup": ratio(prefill, "fp32") or ratio(prefill, "bf16"),
+        "tokenizer_encode_mb_s": text.get("tokenizer_encode_mb_s"),
+        "data_cache_build_mb_s": text.get("data_cache_build_mb_s"),
+        "shape": args.shape, "model": config.to_dict(), "parameters": params, "batch_size": args.batch_size,
+        "seq_len": args.seq_len, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "prefill_len": args.prefill_len, "threads": torch.get_num_threads(), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "quick": args.quick,
+        "steps": args.steps, "warmup": args.warmup, "decode_repeats": args.decode_repeats,
+        "matmul_ceiling_flops": ceilings, "copy_bandwidth_bytes_per_s": bandwidth,
+        "logits_max_abs_diff": difference, "greedy_tokens_agree": same_tokens,
+        "train": train, "decode": decode, "prefill": prefill, "text": text,
+    }
+    print_table(report)
+    print(f"headline: training {report['train_speedup_fp32'] or 0:.2f}x (fp32), {report['train_speedup_bf16'] or 0:.2f}x "
+          f"(bf16); decoding {report['decode_speedup']:.2f}x; greedy tokens agreeing {same_tokens}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
