@@ -191,6 +191,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 42
     skip_bad_lines: bool = False
+    # A step whose loss or gradient is NaN/inf is never applied: "skip" counts it and goes on
+    # (10 in a row stop the run), "stop" ends the run at once; the last checkpoint is kept.
+    on_nan: str = "skip"
     sample_prompt: str = "The "
 
     def __post_init__(self) -> None:
@@ -223,6 +226,8 @@ class TrainConfig:
             out.append(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             out.append(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.on_nan not in ("skip", "stop"):
+            out.append(f"on_nan must be skip or stop, got {self.on_nan!r}")
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -57,6 +57,10 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
              "instead of replicating the model (DDP, the default)")
     add("--skip-bad-lines", action="store_true", default=None,
         help="skip malformed data lines (counted and reported) instead of stopping")
+    add("--on-nan", choices=["skip", "stop"],
+        help="a step with a NaN/inf loss or gradient is never applied; skip: count it and go on (10 in a "
+             "row stop the run), stop: end the run at once with exit status 2; either way the last "
+             "checkpoint is kept (default skip)")
     return parser
 
 
@@ -66,7 +70,7 @@ def train_config_from_args(stage: str, args: argparse.Namespace) -> TrainConfig:
         "data", "val_data", "out_dir", "init_from", "tokenizer_dir", "batch_size", "grad_accum", "lr",
         "warmup_steps", "weight_decay", "grad_clip", "epochs", "max_steps", "seq_len", "device", "dtype",
         "resume", "eval_every", "eval_batches", "save_every", "log_every", "seed", "compile", "fsdp",
-        "skip_bad_lines")}
+        "skip_bad_lines", "on_nan")}
     if flags["val_data"] is not None and flags["val_data"].lower() == "none":
         flags["val_data"] = ""
     for name in ("data", "val_data", "out_dir", "init_from", "tokenizer_dir"):
@@ -105,7 +109,7 @@ def run_stage(body: Callable[[], dict[str, Any]]) -> int:
     from train.data import DataError  # torch-heavy; imported only when a stage runs
     try:
         summary = body()
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, OSError, ValueError) as exc:
         if os.environ.get("ETUDE_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)

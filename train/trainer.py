@@ -193,9 +193,12 @@ def save_resume_state(folder: Path, model: EtudeModel, optimizer: torch.optim.Op
     at any moment leaves a complete checkpoint (the new one, or the previous one in
     checkpoint.old/, which load_resume_state falls back to)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
+    # Staging folders left by a save that was killed (only one process saves at a time).
+    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; checkpoint/ is an ordinary folder
     try:
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; checkpoint/ is an ordinary folder
         weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict_for_save().items()}
         atomic_save_safetensors(staging / WEIGHTS_FILE, weights)
         with open(staging / OPTIMIZER_FILE, "wb") as handle:
@@ -204,6 +207,13 @@ def save_resume_state(folder: Path, model: EtudeModel, optimizer: torch.optim.Op
             os.fsync(handle.fileno())
         atomic_write_json(staging / STATE_FILE, state)
         _swap_in(staging, folder)
+    except OSError as exc:  # a full disk, a quota, a vanished mount: say so, keep the old checkpoint
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = find_resume_state(folder)
+        message = (f"cannot write the checkpoint {folder} ({exc.strerror or exc}); "
+                   + (f"the previous checkpoint in {kept} is kept" if kept else "no earlier checkpoint exists")
+                   + ". Free disk space (or fix the folder's permissions) and run the same command again to resume.")
+        raise (OSError(exc.errno, message) if exc.errno is not None else OSError(message)) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -213,10 +223,12 @@ def _swap_in(staging: Path, folder: Path) -> None:
     """Replace `folder` by the complete `staging` folder; the old one stays in <folder>.old/
     until the new one is in place."""
     previous = folder.with_name(folder.name + ".old")
-    if previous.exists():
-        shutil.rmtree(previous)
-    if folder.exists():
+    if folder.exists():  # complete (it only ever appears by a rename), so an older .old can go
+        if previous.exists():
+            shutil.rmtree(previous)
         os.replace(folder, previous)
+    # else a save was killed between the two renames: previous is the only complete checkpoint
+    # and stays until the new one is in place.
     os.replace(staging, folder)
     shutil.rmtree(previous, ignore_errors=True)
 
@@ -292,6 +304,14 @@ def load_resume_state(folder: Path, model: EtudeModel, optimizer: torch.optim.Op
     return state
 
 
+# --on-nan skip: this many non-finite steps in a row mean the run has diverged; it stops.
+MAX_NONFINITE_STREAK = 10
+
+
+class NonFiniteLossError(ValueError):
+    """Training stopped on a non-finite loss or gradient (the update was not applied)."""
+
+
 # Settings that fix the data order: a resumed run must share them. Others (the run's length,
 # the learning rate) may change on resume; the change is reported.
 RESUME_KEYS = ("data", "seq_len", "seed")
@@ -357,6 +377,7 @@ class Trainer:
         self._order_cache: tuple[int, list[int]] | None = None
         self._stop_signal: str | None = None
         self.skipped_steps = 0
+        self.nonfinite_streak = 0
 
     def _grad_accum_for(self, world: int) -> int:
         """Gradient accumulation for this run. A run resumed on another number of ranks keeps
@@ -506,7 +527,20 @@ class Trainer:
         found = find_resume_state(self.checkpoint_dir) if self.cfg.resume else None
         if found is None:
             return 0
-        state = read_json(found / STATE_FILE, "trainer state")
+        try:
+            state = read_json(found / STATE_FILE, "trainer state")
+        except ValueError as exc:
+            raise ValueError(f"{exc}. Start over with --no-resume.") from None
+        saved_shape = state.get("model_config") if isinstance(state, dict) else None
+        changed = ""
+        if isinstance(saved_shape, dict):
+            now = self.model.config.to_dict()
+            # Only fields both know: one added to EtudeConfig later must not orphan old checkpoints.
+            changed = "; ".join(f"{k}: {saved_shape[k]!r} -> {now[k]!r}" for k in sorted(set(now) & set(saved_shape))
+                                if saved_shape[k] != now[k])
+        if isinstance(saved_shape, dict) and changed:
+            raise ValueError(f"the checkpoint in {found} is of another model ({changed}); resume with the "
+                             "--preset/--model-config it was made with, or pass --no-resume to start over")
         sharded = isinstance(state, dict) and state.get("format") == FSDP_FORMAT
         if sharded != self.fsdp:
             written, needs = ("an FSDP run", "add --fsdp (under torchrun, any number of ranks)") if sharded else (
@@ -660,6 +694,9 @@ class Trainer:
         bar.close()
         self.save_checkpoint(step)
         summary.update(end_step=step, last_eval=last, skipped_steps=self.skipped_steps)
+        if self.skipped_steps:
+            self._log(f"{self.skipped_steps} step(s) had a non-finite loss or gradient and were skipped "
+                      "(--on-nan skip)")
         if self._stop_signal:
             self._log(f"stopped at step {step}; checkpoint saved in {self.checkpoint_dir}. "
                       "Run the same command again to resume.")
@@ -698,19 +735,42 @@ class Trainer:
             total_loss += loss.detach() * share / self.dist.world_size
         loss_value = float(self.dist.sum(total_loss))
         if not math.isfinite(loss_value):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self._log(f"step {step + 1}: loss is {loss_value}; update skipped ({self.skipped_steps} so far)")
-            return loss_value, float("nan"), lr
+            return self._skip_nonfinite(step, f"the loss is {loss_value}", loss_value, lr)
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
             grad_norm = grad_norm.full_tensor()
+        # fp16's GradScaler skips overflowing steps itself (and lowers its scale); elsewhere a
+        # non-finite gradient would turn every weight it touches into NaN.
+        if not self.scaler.is_enabled() and not math.isfinite(float(grad_norm)):
+            return self._skip_nonfinite(step, f"the gradient norm is {float(grad_norm)}", loss_value, lr)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_streak = 0
         return loss_value, float(grad_norm), lr
+
+    def _skip_nonfinite(self, step: int, what: str, loss_value: float, lr: float) -> tuple[float, float, float]:
+        """A non-finite loss or gradient: the update is not applied. With --on-nan skip the step
+        is counted and the run goes on (until MAX_NONFINITE_STREAK in a row); with stop, or after
+        that many, the run ends without saving, so the last good checkpoint stays as it is."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.nonfinite_streak += 1
+        if self.cfg.on_nan == "skip" and self.nonfinite_streak < MAX_NONFINITE_STREAK:
+            self._log(f"step {step + 1}: {what}; update skipped ({self.skipped_steps} so far)")
+            return loss_value, float("nan"), lr
+        found = find_resume_state(self.checkpoint_dir)
+        try:
+            kept = f"the last checkpoint, {found} (step {read_json(found / STATE_FILE, 'trainer state')['step']}), is kept"
+        except Exception:  # no checkpoint yet, or one that cannot be read: say so
+            kept = "no checkpoint had been saved yet"
+        why = "(--on-nan stop)" if self.cfg.on_nan == "stop" else f"({self.nonfinite_streak} steps in a row)"
+        raise NonFiniteLossError(
+            f"step {step + 1}: {what}; training stopped without applying the update {why}; {kept}. Lower --lr "
+            "or raise --warmup-steps, train in --dtype fp32 or bf16 rather than fp16, or check the data, then run "
+            "again to resume; --on-nan skip skips such steps instead")
 
 
 def routing_metrics(model: EtudeModel) -> dict[str, Any]:
