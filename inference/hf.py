@@ -17,6 +17,8 @@ folder that transformers loads works with --model (default weight/etude_hf_model
 from __future__ import annotations
 
 import argparse
+import re
+import secrets
 import sys
 import threading
 from collections.abc import Iterator
@@ -87,8 +89,26 @@ class HFChat:
                                  top_p=top_p if top_p is not None else 1.0)
 
     def render(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
-                                                       add_generation_prompt=True))
+        """The chat template's ids. transformers parses special-token strings anywhere in the
+        rendered text, so a message holding one (a user typing "<|im_end|>") would forge a turn
+        boundary; such messages are rendered with their content encoded as plain text."""
+        specials = [t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special]
+        if not any(token in m["content"] for m in messages for token in specials):
+            return list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                                           add_generation_prompt=True))
+        # Render the template around placeholders, then encode the template's own text with its
+        # special tokens and each message's content with none.
+        marker = f"\x00{secrets.token_hex(8)}"
+        stand_ins = [{**m, "content": f"{marker}{i}{marker}"} for i, m in enumerate(messages)]
+        text = self.tokenizer.apply_chat_template(stand_ins, tokenize=False, add_generation_prompt=True)
+        ids: list[int] = []
+        for index, piece in enumerate(re.split(f"{marker}(\\d+){marker}", text)):
+            if index % 2:
+                ids += self.tokenizer(messages[int(piece)]["content"], add_special_tokens=False,
+                                      split_special_tokens=True).input_ids
+            elif piece:
+                ids += self.tokenizer(piece, add_special_tokens=False).input_ids
+        return ids
 
     def prompt_ids(self, messages: list[dict]) -> tuple[list[int], str | None]:
         return fit_to_context(messages, self.render, self.context, self.max_new_tokens)

@@ -197,8 +197,13 @@ def build_chat(args: argparse.Namespace) -> Chat:
 
 def read_batch_input(path: Path, system: str | None) -> list[tuple[dict, list[dict]]]:
     items = []
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                 "convert the file to UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -242,12 +247,17 @@ def run_batch(chat: Chat, args: argparse.Namespace) -> None:
 def interactive(chat: Chat, system: str | None) -> None:
     print(f"Chatting with {chat.model.num_parameters() / 1e6:.1f}M-parameter Etude. {COMMANDS}.")
     history: list[dict] = [{"role": "system", "content": system}] if system else []
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as lone surrogates, not a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("\nyou> ")
         except (EOFError, KeyboardInterrupt):
             print()
             return
+        if not is_utf8(line):
+            print("(that line is not UTF-8 text and was ignored: set your terminal to UTF-8 and type it again)")
+            continue
         text = line.strip()
         if not text:
             continue
@@ -273,6 +283,16 @@ def interactive(chat: Chat, system: str | None) -> None:
             print(" [stopped]", end="")
         print()
         history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def is_utf8(text: str) -> bool:
+    """False for text holding lone surrogates: bytes that were not UTF-8 (command-line arguments
+    and surrogateescape input), which the tokenizer cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def build_parser(description: str = __doc__,
@@ -308,6 +328,10 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     if args.prompt is not None and not args.prompt.strip():
         print("error: --prompt is empty; give the message to answer", file=sys.stderr)
         return 2
+    for flag, value in (("--prompt", args.prompt), ("--system", args.system)):
+        if value is not None and not is_utf8(value):
+            print(f"error: {flag} is not UTF-8 text; set your terminal (or locale) to UTF-8", file=sys.stderr)
+            return 2
     if args.batch_size <= 0 or args.max_new_tokens <= 0:
         print("error: --batch-size and --max-new-tokens must be positive", file=sys.stderr)
         return 2

@@ -89,16 +89,24 @@ def iter_documents(path: Path | str, skip_bad_lines: bool = False,
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
         block: list[str] = []
-        with open(path, encoding="utf-8", errors="strict") as handle:
-            try:
-                for line in handle:
-                    if line.strip():
-                        block.append(line)
-                    elif block:
-                        yield "".join(block).strip("\n")
-                        block = []
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}: not UTF-8 text ({exc.reason}); convert it to UTF-8") from None
+        report = report if report is not None else {}
+        with open(path, "rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                try:  # line by line, so a bad byte is reported with its line number
+                    line = raw.decode("utf-8").replace("\r\n", "\n")
+                except UnicodeDecodeError as exc:
+                    message = _bad_line(path, lineno, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+                    if not skip_bad_lines:
+                        raise DataError(message + ". Convert the file to UTF-8, or pass --skip-bad-lines to skip "
+                                                  "such lines (they are counted and reported).") from None
+                    report["skipped"] = report.get("skipped", 0) + 1
+                    report.setdefault("first_skipped", []).append(message)
+                    continue
+                if line.strip():
+                    block.append(line)
+                elif block:
+                    yield "".join(block).strip("\n")
+                    block = []
         if block:
             yield "".join(block).strip("\n")
         return
@@ -175,7 +183,9 @@ def _write_token_cache(source: Path, tokenizer: EtudeTokenizer, bin_path: Path, 
     atomic_write(bin_path, write)
     if n_tokens == 0:
         bin_path.unlink(missing_ok=True)
-        raise DataError(f"{source} holds no documents; add text to it (one JSON object "
+        skipped = (f" ({report['skipped']} bad lines were skipped, first: {report['first_skipped'][0]})"
+                   if report.get("skipped") else "")
+        raise DataError(f"{source} holds no documents{skipped}; add text to it (one JSON object "
                         '{"text": ...} per line, or blank-line separated .txt blocks)')
     seconds = time.perf_counter() - started
     meta = {**wanted, "dtype": np.dtype(dtype).name, "n_tokens": n_tokens, "n_documents": n_docs,
@@ -309,6 +319,11 @@ def load_sft_data(path: Path | str, tokenizer: EtudeTokenizer, seq_len: int,
     """Render every conversation of an SFT file to ids + assistant mask and pack them."""
     report: dict = {}
     rendered = [tokenizer.render_chat(messages) for messages in read_conversations(path, skip_bad_lines, report)]
+    if not rendered:
+        skipped = (f" ({report['skipped']} bad lines were skipped, first: {report['first_skipped'][0]})"
+                   if report.get("skipped") else "")
+        raise DataError(f"{path} holds no conversations{skipped}; add one JSON object "
+                        '{"conversations": [{"role": ..., "content": ...}, ...]} per line')
     data = PackedConversations(rendered, seq_len, tokenizer.pad_id, name=str(path))
     if verbose:
         trained = int((data.labels != IGNORE).sum())

@@ -76,9 +76,13 @@ def check_resumable(out_dir: Path, model, settings: dict, base: str | None) -> N
                           "same --lora-* flags and --init-from to resume, or pass --no-resume to start over")
     if not (found / WEIGHTS_FILE).is_file():  # an FSDP checkpoint (sharded): the trainer checks it on load
         return
-    from safetensors import safe_open
-    with safe_open(str(found / WEIGHTS_FILE), framework="pt") as handle:
-        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(found / WEIGHTS_FILE), framework="pt") as handle:
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"cannot read weights {found / WEIGHTS_FILE}: {exc}. The file is corrupted or truncated; "
+                         "start over with --no-resume.") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict_for_save().items()}
     if shapes != expected:
         raise ConfigError(f"the checkpoint in {found} holds other LoRA layers than these settings make "
