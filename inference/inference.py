@@ -31,7 +31,7 @@ from config import PRETRAINED_DIR, SFT_DIR
 from model.checkpoint import load_model_folder
 from model.lora import load_adapter, resolve_adapter
 from model.model import EtudeModel
-from model.tokenizer import EtudeTokenizer, load_tokenizer, validate_messages
+from model.tokenizer import EtudeTokenizer, load_tokenizer, not_text, validate_messages
 
 COMMANDS = "/reset forgets the conversation, /system TEXT sets the system prompt, /quit leaves"
 
@@ -255,7 +255,7 @@ def interactive(chat: Chat, system: str | None) -> None:
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        if not is_utf8(line):
+        if not_text(line):  # bytes that were not UTF-8
             print("(that line is not UTF-8 text and was ignored: set your terminal to UTF-8 and type it again)")
             continue
         text = line.strip()
@@ -283,16 +283,6 @@ def interactive(chat: Chat, system: str | None) -> None:
             print(" [stopped]", end="")
         print()
         history.append({"role": "assistant", "content": "".join(pieces)})
-
-
-def is_utf8(text: str) -> bool:
-    """False for text holding lone surrogates: bytes that were not UTF-8 (command-line arguments
-    and surrogateescape input), which the tokenizer cannot encode."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def build_parser(description: str = __doc__,
@@ -329,7 +319,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         print("error: --prompt is empty; give the message to answer", file=sys.stderr)
         return 2
     for flag, value in (("--prompt", args.prompt), ("--system", args.system)):
-        if value is not None and not is_utf8(value):
+        if value is not None and not_text(value):  # argv holds bytes that were not UTF-8 as surrogates
             print(f"error: {flag} is not UTF-8 text; set your terminal (or locale) to UTF-8", file=sys.stderr)
             return 2
     if args.batch_size <= 0 or args.max_new_tokens <= 0:

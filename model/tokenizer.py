@@ -41,6 +41,17 @@ CHAT_TEMPLATE = (
 )
 
 
+def not_text(text: str) -> str | None:
+    """Why a str is not text the tokenizer can encode (None when it is): a lone surrogate, which
+    valid JSON can hold ("\\ud800" escaped without its pair) and the tokenizer refuses."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"holds a lone surrogate (U+{ord(text[exc.start]):04X} at character {exc.start}), which is "
+                "not text; remove it or pair it")
+    return None
+
+
 def validate_messages(messages: Any, *, require_assistant: bool = False) -> None:
     """Check that `messages` is a non-empty list of {"role", "content"} dicts with roles
     system/user/assistant and string content. Raises ValueError naming the first fault.
@@ -64,6 +75,9 @@ def validate_messages(messages: Any, *, require_assistant: bool = False) -> None
             raise ValueError(f"{where}: role {role!r} is not one of {', '.join(CHAT_ROLES)}")
         if not isinstance(content, str):
             raise ValueError(f"{where} ({role}): content must be a string, got {type(content).__name__}")
+        problem = not_text(content)
+        if problem:
+            raise ValueError(f"{where} ({role}): content {problem}")
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant message: there is nothing to learn from this conversation")
 

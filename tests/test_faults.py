@@ -45,7 +45,7 @@ from train.data import DataError, PackedTokens, build_token_cache, cache_paths, 
 from train.train_pretrain import main as pretrain_main
 from train.train_sft import main as sft_main
 from train.trainer import (MAX_NONFINITE_STREAK, NonFiniteLossError, Trainer, find_resume_state,
-                           load_resume_state)
+                           load_resume_state, save_resume_state)
 
 from tests.conftest import TINY_VOCAB_SIZE
 from tests.helpers import TOY_MODEL, assert_same_losses, checkpoint_step, write_corpus
@@ -200,16 +200,35 @@ def read_state_model_config(folder: Path) -> EtudeConfig:
     return EtudeConfig.from_dict(json.loads((folder / "trainer_state.json").read_text())["model_config"])
 
 
-def test_killed_twice_between_renames_keeps_the_only_checkpoint(corpus, tiny_tokenizer_dir, tmp_path, reference):
+class Killed(BaseException):
+    """Stands in for a kill inside this process (nothing after it runs but cleanup)."""
+
+
+def test_killed_twice_between_renames_keeps_the_only_checkpoint(corpus, tiny_tokenizer_dir, tmp_path, reference,
+                                                                 monkeypatch):
     """After a kill between the two renames only checkpoint.old/ is complete; the next save must
     keep it until the new checkpoint is in place (it used to delete it first)."""
     out = tmp_path / "model"
     args = run_args(corpus, tiny_tokenizer_dir, out)
     run_killed(tmp_path, "between-renames", 2, args)
     assert not (out / "checkpoint").exists() and checkpoint_step_of(out / "checkpoint.old") == 2
-    run_killed(tmp_path, "between-renames", 1, args)  # the resumed run dies in the same place
+    assert len(litter(out)) == 1, "the complete staging folder of the killed save is left"
+    # The next save dies at the same moment (here in-process, just before the new folder's rename).
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out / "checkpoint":
+            raise Killed
+        return real_replace(src, dst)
+
+    model = EtudeModel(read_state_model_config(out / "checkpoint.old"))
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        save_resume_state(out / "checkpoint", model, torch.optim.AdamW(model.optimizer_groups(0.1)), {"step": 99})
+    monkeypatch.setattr(os, "replace", real_replace)
     found = find_resume_state(out / "checkpoint")
     assert found is not None and checkpoint_step_of(found) == 2
+    assert litter(out) == [], "the next save removes a killed save's staging folder"
     assert pretrain_main(args) == 0
     assert_same_losses(out, reference, rel=1e-5)
     assert litter(out) == []
@@ -478,6 +497,26 @@ def test_a_100_mb_document_on_one_line_is_tokenized(tiny_tokenizer_dir, tmp_path
     tokens, meta = build_token_cache(source, load_tokenizer(tiny_tokenizer_dir), verbose=False)
     assert meta["n_documents"] == 1 and meta["n_bytes"] > 100e6 * 0.99
     assert int(tokens[-1]) == 0 and int((tokens[:1000] == 0).sum()) == 0
+
+
+def test_a_lone_surrogate_escape_is_named_not_a_tokenizer_crash(tiny_tokenizer_dir, tmp_path, toy_chat):
+    """'\\ud800' is valid JSON and valid UTF-8, yet decodes to a str the tokenizer refuses with a
+    bare TypeError; every reader names it instead."""
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    lone = '"caf\\ud800e"'
+    source = tmp_path / "docs.jsonl"
+    source.write_text('{"text": "fine"}\n{"text": %s}\n' % lone)
+    with pytest.raises(DataError, match=r'docs.jsonl:2: "text" holds a lone surrogate \(U\+D800 at character 3\)'):
+        build_token_cache(source, tokenizer, verbose=False)
+    assert build_token_cache(source, tokenizer, skip_bad_lines=True, verbose=False)[1]["skipped_lines"] == 1
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"conversations": [{"role": "user", "content": %s}, {"role": "assistant", "content": "ok"}]}\n'
+                   % lone)
+    with pytest.raises(DataError, match=r"sft.jsonl:1: message 0 \(user\): content holds a lone surrogate"):
+        load_sft_data(sft, tokenizer, 64, verbose=False)
+    # The chat (and so the server, which answers such a ValueError with a 400) refuses it too.
+    with pytest.raises(ValueError, match=r"message 0 \(user\): content holds a lone surrogate"):
+        toy_chat.prompt_ids([{"role": "user", "content": json.loads(lone)}])
 
 
 def test_a_damaged_token_cache_is_rebuilt(tiny_tokenizer_dir, tmp_path):

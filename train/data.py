@@ -21,7 +21,7 @@ import torch
 
 from model.checkpoint import atomic_write, atomic_write_json
 from model.model import IGNORE_INDEX as IGNORE
-from model.tokenizer import EtudeTokenizer, validate_messages
+from model.tokenizer import EtudeTokenizer, not_text, validate_messages
 
 CACHE_VERSION = 1
 ENCODE_BATCH_DOCS = 2000
@@ -77,7 +77,8 @@ def _text_problem(obj: object) -> str | None:
         return f'"text" must be a string, got {type(obj["text"]).__name__}'
     if not obj["text"].strip():
         return '"text" is empty'
-    return None
+    problem = not_text(obj["text"])
+    return f'"text" {problem}' if problem else None
 
 
 def iter_documents(path: Path | str, skip_bad_lines: bool = False,
@@ -100,7 +101,8 @@ def iter_documents(path: Path | str, skip_bad_lines: bool = False,
                         raise DataError(message + ". Convert the file to UTF-8, or pass --skip-bad-lines to skip "
                                                   "such lines (they are counted and reported).") from None
                     report["skipped"] = report.get("skipped", 0) + 1
-                    report.setdefault("first_skipped", []).append(message)
+                    if len(report.setdefault("first_skipped", [])) < 5:
+                        report["first_skipped"].append(message)
                     continue
                 if line.strip():
                     block.append(line)
