@@ -57,7 +57,7 @@ def read_jsonl(path: Path | str, skip_bad_lines: bool = False, validate=None,
             except UnicodeDecodeError as exc:
                 problem = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
             except json.JSONDecodeError as exc:
-                problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
+                problem = f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
             if problem:
                 message = _bad_line(path, lineno, problem)
                 if not skip_bad_lines:
@@ -68,6 +68,13 @@ def read_jsonl(path: Path | str, skip_bad_lines: bool = False, validate=None,
                     report["first_skipped"].append(message)
                 continue
             yield lineno, obj
+
+
+def _skipped_note(report: dict) -> str:
+    """Why a file with lines in it can still hold nothing: its bad lines were all skipped."""
+    if not report.get("skipped"):
+        return ""
+    return f" ({report['skipped']} bad lines were skipped, first: {report['first_skipped'][0]})"
 
 
 def _text_problem(obj: object) -> str | None:
@@ -185,9 +192,7 @@ def _write_token_cache(source: Path, tokenizer: EtudeTokenizer, bin_path: Path, 
     atomic_write(bin_path, write)
     if n_tokens == 0:
         bin_path.unlink(missing_ok=True)
-        skipped = (f" ({report['skipped']} bad lines were skipped, first: {report['first_skipped'][0]})"
-                   if report.get("skipped") else "")
-        raise DataError(f"{source} holds no documents{skipped}; add text to it (one JSON object "
+        raise DataError(f"{source} holds no documents{_skipped_note(report)}; add text to it (one JSON object "
                         '{"text": ...} per line, or blank-line separated .txt blocks)')
     seconds = time.perf_counter() - started
     meta = {**wanted, "dtype": np.dtype(dtype).name, "n_tokens": n_tokens, "n_documents": n_docs,
@@ -322,9 +327,7 @@ def load_sft_data(path: Path | str, tokenizer: EtudeTokenizer, seq_len: int,
     report: dict = {}
     rendered = [tokenizer.render_chat(messages) for messages in read_conversations(path, skip_bad_lines, report)]
     if not rendered:
-        skipped = (f" ({report['skipped']} bad lines were skipped, first: {report['first_skipped'][0]})"
-                   if report.get("skipped") else "")
-        raise DataError(f"{path} holds no conversations{skipped}; add one JSON object "
+        raise DataError(f"{path} holds no conversations{_skipped_note(report)}; add one JSON object "
                         '{"conversations": [{"role": ..., "content": ...}, ...]} per line')
     data = PackedConversations(rendered, seq_len, tokenizer.pad_id, name=str(path))
     if verbose:
