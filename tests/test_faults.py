@@ -488,15 +488,39 @@ def test_a_100_mb_malformed_line_is_named_without_echoing_it(tiny_tokenizer_dir,
     assert meta["skipped_lines"] == 1 and meta["n_documents"] == 1
 
 
+def test_long_documents_are_encoded_in_pieces_with_the_same_ids(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    import train.data as data
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    from tests.conftest import tiny_corpus
+    text = "  ".join(tiny_corpus(60, seed=5)) + " a  b   c\t d \n e\n\n f 你好 世界 😀 x<|im_end|> y " + "z" * 300 + " end"
+    for size in (7, 40, 97, 1000):
+        pieces = data.encoding_pieces(text, size)
+        assert "".join(pieces) == text and len(pieces) > len(text) // (size * 4)
+        assert [i for piece in pieces for i in tokenizer.encode(piece)] == tokenizer.encode(text), size
+    # Through the token cache: a document longer than a piece gives the ids of the whole document.
+    monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", 50)
+    source = tmp_path / "long.jsonl"
+    source.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "short"}) + "\n", encoding="utf-8")
+    tokens, meta = build_token_cache(source, tokenizer, verbose=False)
+    assert tokens.tolist() == tokenizer.encode(text) + [0] + tokenizer.encode("short") + [0]
+
+
 @pytest.mark.slow
-def test_a_100_mb_document_on_one_line_is_tokenized(tiny_tokenizer_dir, tmp_path):
+def test_a_100_mb_document_on_one_line_is_tokenized_in_bounded_memory(tiny_tokenizer_dir, tmp_path):
     source = tmp_path / "huge.jsonl"
     words = " ".join(["the cat sat on a mat"] * 8) + " "
     with open(source, "w", encoding="utf-8") as handle:
         handle.write('{"text": "' + words * ((100 << 20) // len(words)) + '"}\n')
-    tokens, meta = build_token_cache(source, load_tokenizer(tiny_tokenizer_dir), verbose=False)
-    assert meta["n_documents"] == 1 and meta["n_bytes"] > 100e6 * 0.99
-    assert int(tokens[-1]) == 0 and int((tokens[:1000] == 0).sum()) == 0
+    script = (f"import resource, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from model.tokenizer import load_tokenizer\nfrom train.data import build_token_cache\n"
+              f"tokens, meta = build_token_cache({str(source)!r}, load_tokenizer({str(tiny_tokenizer_dir)!r}), verbose=False)\n"
+              "print(meta['n_documents'], meta['n_bytes'], meta['n_tokens'], int(tokens[-1]), "
+              "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    n_documents, n_bytes, n_tokens, last, peak_kib = map(int, done.stdout.split())
+    assert n_documents == 1 and n_bytes > 100e6 * 0.99 and last == 0 and n_tokens > n_bytes / 20
+    assert peak_kib < 3 << 20, f"peak memory {peak_kib / 2**20:.1f} GiB for a 100 MB document"
 
 
 def test_a_lone_surrogate_escape_is_named_not_a_tokenizer_crash(tiny_tokenizer_dir, tmp_path, toy_chat):

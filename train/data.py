@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,13 @@ from model.tokenizer import EtudeTokenizer, not_text, validate_messages
 
 CACHE_VERSION = 1
 ENCODE_BATCH_DOCS = 2000
+# Encoding holds ~100+ bytes per character inside `tokenizers` (a 100 MB document on one line
+# took 14 GB): long documents are encoded in pieces, and a batch is flushed at this many characters.
+ENCODE_PIECE_CHARS = 1 << 18
+ENCODE_BATCH_CHARS = 1 << 22
+# A space between two non-space characters: the byte-level pre-tokenizer always splits just before
+# it, so cutting there gives exactly the ids of the whole text.
+_PIECE_CUT = re.compile(r"(?<=\S) (?=\S)")
 
 
 class DataError(ValueError):
@@ -123,6 +131,29 @@ def iter_documents(path: Path | str, skip_bad_lines: bool = False,
         yield obj["text"]
 
 
+def encoding_pieces(text: str, size: int = ENCODE_PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of about `size` characters or fewer whose ids, concatenated, equal
+    the ids of the whole (cut only before a space that starts a word); a piece with no such space
+    in it runs on to the next one."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        window = text[start + 1:start + size]
+        last = None
+        for last in _PIECE_CUT.finditer(window):
+            pass
+        if last is not None:
+            cut = start + 1 + last.start()
+        else:
+            found = _PIECE_CUT.search(text, start + size)
+            if found is None:
+                break
+            cut = found.start()
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
 def _fingerprint(path: Path) -> dict:
     stat = path.stat()
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -171,21 +202,30 @@ def _write_token_cache(source: Path, tokenizer: EtudeTokenizer, bin_path: Path, 
         nonlocal n_docs, n_tokens, n_bytes
         with open(tmp, "wb") as out:
             batch: list[str] = []
+            ends: list[bool] = []  # whether a batch item is the last piece of its document
+            chars = 0
 
             def flush() -> None:
-                nonlocal n_tokens
-                for ids in tokenizer.encode_batch(batch):
-                    ids.append(tokenizer.eos_id)
+                nonlocal n_tokens, chars
+                for ids, end in zip(tokenizer.encode_batch(batch), ends):
+                    if end:
+                        ids.append(tokenizer.eos_id)
                     np.asarray(ids, dtype=dtype).tofile(out)
                     n_tokens += len(ids)
                 batch.clear()
+                ends.clear()
+                chars = 0
 
             for doc in iter_documents(source, skip_bad_lines, report):
-                batch.append(doc)
+                pieces = encoding_pieces(doc)
+                for index, piece in enumerate(pieces):
+                    batch.append(piece)
+                    ends.append(index == len(pieces) - 1)
+                    chars += len(piece)
+                    if len(batch) >= ENCODE_BATCH_DOCS or chars >= ENCODE_BATCH_CHARS:
+                        flush()
                 n_docs += 1
                 n_bytes += len(doc.encode("utf-8"))
-                if len(batch) >= ENCODE_BATCH_DOCS:
-                    flush()
             if batch:
                 flush()
 
