@@ -657,6 +657,8 @@ def test_on_nan_stop_ends_the_run_keeping_the_last_checkpoint(corpus, tiny_token
         real_init(self, *a, **k)
         poison(self, {3}, "nan")
 
+    from train.cli import build_parser
+    assert "--on-nan {skip,stop}" in build_parser("pretrain", "").format_help()
     monkeypatch.setattr(EtudeModel, "__init__", poisoned_init)
     assert pretrain_main(args) == 2
     err = capsys.readouterr().err
