@@ -173,12 +173,26 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
+    # adamw: AdamW for everything. muon: torch.optim.Muon (at muon_lr, decoupled weight decay
+    # muon_weight_decay) for the blocks' attention and MLP matrices, AdamW at lr for the rest.
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02
+    muon_weight_decay: float = 0.0
+    # cosine: warmup, then cosine decay to lr * min_lr_ratio. wsd: warmup, then lr held until the
+    # last cooldown_frac of the run, then a linear or 1-sqrt cool-down to lr * min_lr_ratio.
+    # constant: warmup, then lr to the end.
+    schedule: str = "cosine"
+    cooldown_frac: float = 0.2
+    cooldown: str = "linear"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     epochs: int = 3
     max_steps: int | None = None
+    # End this invocation after this step with a checkpoint (the schedule still spans the whole
+    # run); running again continues. Lets runs take turns on one machine (tool/compare_recipes.py).
+    stop_at_step: int | None = None
     seq_len: int = 512
     device: str = "auto"
     dtype: str = "auto"
@@ -210,10 +224,27 @@ class TrainConfig:
                 out.append(f"{name} must be a positive integer, got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
             out.append(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        if self.stop_at_step is not None and (not isinstance(self.stop_at_step, int) or self.stop_at_step <= 0):
+            out.append(f"stop_at_step must be a positive integer, got {self.stop_at_step!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             out.append(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             out.append(f"lr must be > 0, got {self.lr!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            out.append(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if not (isinstance(self.muon_lr, (int, float)) and self.muon_lr > 0):
+            out.append(f"muon_lr must be > 0, got {self.muon_lr!r}")
+        if not (isinstance(self.muon_weight_decay, (int, float)) and self.muon_weight_decay >= 0):
+            out.append(f"muon_weight_decay must be >= 0, got {self.muon_weight_decay!r}")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            out.append(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        if not (isinstance(self.cooldown_frac, (int, float)) and 0 <= self.cooldown_frac <= 1):
+            out.append(f"cooldown_frac must be in [0, 1], got {self.cooldown_frac!r}")
+        if self.cooldown not in ("linear", "1-sqrt"):
+            out.append(f"cooldown must be linear or 1-sqrt, got {self.cooldown!r}")
+        if self.optimizer == "muon" and self.fsdp:
+            out.append("optimizer muon cannot run with fsdp: Muon orthogonalises whole matrices and FSDP hands "
+                       "each rank a shard; use --optimizer adamw with --fsdp, or DDP (drop --fsdp) with muon")
         if not (0 <= self.min_lr_ratio <= 1):
             out.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.weight_decay < 0:

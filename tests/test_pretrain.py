@@ -65,17 +65,19 @@ def test_init_from_continues_a_trained_model(corpus, tiny_tokenizer_dir, tmp_pat
     assert evals(second)[0]["val_loss"] == pytest.approx(evals(first)[-1]["val_loss"], abs=1e-4)
 
 
-@pytest.mark.parametrize("how", ["sigint", "sigkill"])
-def test_exact_resume_after_interruption(corpus, tiny_tokenizer_dir, tmp_path, how):
+# Muon (+ AdamW) restores two optimizers' states; one interruption suffices to show it.
+@pytest.mark.parametrize("how,optimizer", [("sigint", "adamw"), ("sigkill", "adamw"), ("sigkill", "muon")])
+def test_exact_resume_after_interruption(corpus, tiny_tokenizer_dir, tmp_path, how, optimizer):
     steps = "400"
+    recipe = ("--optimizer", optimizer, "--schedule", "wsd" if optimizer == "muon" else "cosine")
     reference = tmp_path / "reference"
     assert pretrain_main(run_args(corpus, tiny_tokenizer_dir, reference, "--max-steps", steps,
-                                  "--save-every", "25")) == 0
+                                  "--save-every", "25", *recipe)) == 0
     expected = step_losses(reference)
     assert len(expected) == 400
 
     interrupted = tmp_path / "interrupted"
-    args = run_args(corpus, tiny_tokenizer_dir, interrupted, "--max-steps", steps, "--save-every", "25")
+    args = run_args(corpus, tiny_tokenizer_dir, interrupted, "--max-steps", steps, "--save-every", "25", *recipe)
     process = launch("train/train_pretrain.py", args)
     if how == "sigint":
         wait_for(lambda: latest_step(interrupted) >= 30, process)

@@ -34,11 +34,25 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     add("--batch-size", type=int, help=f"windows per device per micro-step (stage default {defaults['batch_size']})")
     add("--grad-accum", type=int, help="micro-steps per optimizer step (default 1)")
     add("--lr", type=float, help=f"peak learning rate (stage default {defaults['lr']})")
-    add("--warmup-steps", type=int, help="linear warmup steps before cosine decay (capped at 20%% of the run)")
+    add("--warmup-steps", type=int, help="linear warmup steps before the schedule (capped at 20%% of the run)")
+    add("--schedule", choices=["cosine", "wsd", "constant"],
+        help="learning-rate schedule after warmup: cosine decay to lr x min-lr-ratio; wsd (warmup-stable-decay): "
+             "lr held, then a cool-down over the last --cooldown-frac of the run; constant (default cosine)")
+    add("--min-lr-ratio", type=float, help="the schedule ends at lr x this (default 0.1)")
+    add("--cooldown-frac", type=float, help="wsd: fraction of the run spent cooling down (default 0.2)")
+    add("--cooldown", choices=["linear", "1-sqrt"], help="wsd: shape of the cool-down (default linear)")
+    add("--optimizer", choices=["adamw", "muon"],
+        help="adamw: AdamW for every parameter; muon: torch.optim.Muon for the attention and MLP matrices at "
+             "--muon-lr, AdamW at --lr for embeddings, norms and the output layer (default adamw)")
+    add("--muon-lr", type=float, help="peak learning rate of the Muon group (default 0.02)")
+    add("--muon-weight-decay", type=float, help="decoupled weight decay of the Muon group (default 0)")
     add("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
     add("--grad-clip", type=float, help="global gradient-norm clip, 0 for none (default 1.0)")
     add("--epochs", type=int, help=f"passes over the data (stage default {defaults['epochs']})")
     add("--max-steps", type=int, help="optimizer steps to run; overrides --epochs")
+    add("--stop-at-step", type=int,
+        help="end this invocation after step N with a checkpoint (the schedule still spans the whole run); "
+             "run again without it to continue")
     add("--seq-len", type=int, help="tokens per training window")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], help="auto: CUDA, then MPS, then CPU")
     add("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
@@ -70,7 +84,8 @@ def train_config_from_args(stage: str, args: argparse.Namespace) -> TrainConfig:
         "data", "val_data", "out_dir", "init_from", "tokenizer_dir", "batch_size", "grad_accum", "lr",
         "warmup_steps", "weight_decay", "grad_clip", "epochs", "max_steps", "seq_len", "device", "dtype",
         "resume", "eval_every", "eval_batches", "save_every", "log_every", "seed", "compile", "fsdp",
-        "skip_bad_lines", "on_nan")}
+        "skip_bad_lines", "on_nan", "optimizer", "muon_lr", "muon_weight_decay", "schedule", "min_lr_ratio",
+        "cooldown_frac", "cooldown", "stop_at_step")}
     if flags["val_data"] is not None and flags["val_data"].lower() == "none":
         flags["val_data"] = ""
     for name in ("data", "val_data", "out_dir", "init_from", "tokenizer_dir"):

@@ -34,6 +34,7 @@ from config import CHECKPOINT_SUBDIR, TrainConfig, read_json
 from model.checkpoint import (atomic_save_safetensors, atomic_write, atomic_write_json, load_safetensors,
                               save_model_folder)
 from model.model import IGNORE_INDEX, EtudeModel
+from train.optim import build_optimizer
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -171,12 +172,25 @@ class Dist:
 # ---- the learning-rate schedule -----------------------------------------------------------------
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig, warmup_steps: int) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
+    """The learning rate of a step (0-based): linear warmup to cfg.lr, then by cfg.schedule
+    cosine: cosine decay towards cfg.lr * min_lr_ratio at the last step;
+    wsd: cfg.lr held, then over the last cooldown_frac of the run a linear (or 1-sqrt)
+    cool-down towards cfg.lr * min_lr_ratio; constant: cfg.lr to the end."""
     if step < warmup_steps:
         return cfg.lr * (step + 1) / warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        cooldown_steps = round(cfg.cooldown_frac * total_steps)
+        start = max(warmup_steps, total_steps - cooldown_steps)
+        if step < start or cooldown_steps == 0:
+            return cfg.lr
+        progress = min(1.0, (step - start) / max(1, total_steps - start))
+        fraction_left = 1 - math.sqrt(progress) if cfg.cooldown == "1-sqrt" else 1 - progress
+        return floor + (cfg.lr - floor) * fraction_left
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
@@ -315,7 +329,8 @@ class NonFiniteLossError(ValueError):
 # Settings that fix the data order: a resumed run must share them. Others (the run's length,
 # the learning rate) may change on resume; the change is reported.
 RESUME_KEYS = ("data", "seq_len", "seed")
-NOTED_KEYS = ("epochs", "max_steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip")
+NOTED_KEYS = ("epochs", "max_steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
+              "muon_lr", "muon_weight_decay", "schedule", "cooldown_frac", "cooldown")
 
 
 # ---- the trainer --------------------------------------------------------------------------------
@@ -364,8 +379,7 @@ class Trainer:
             self._shard_model()
         # Fused AdamW on plain tensors; FSDP's sharded parameters take the foreach kernels.
         fused = self.device.type in ("cuda", "cpu") and not self.fsdp
-        self.optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2), fused=fused)
+        self.optimizer = build_optimizer(model, cfg, fused=fused)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step_model: torch.nn.Module = self.model
         if cfg.compile:
@@ -547,6 +561,11 @@ class Trainer:
                 "a run without FSDP", "drop --fsdp")
             raise ValueError(f"the checkpoint in {found} was written by {written}; to resume it, {needs}, "
                              "or pass --no-resume to start over")
+        saved_run = state.get("train_config") if isinstance(state, dict) else None
+        saved_optimizer = saved_run.get("optimizer", "adamw") if isinstance(saved_run, dict) else self.cfg.optimizer
+        if saved_optimizer != self.cfg.optimizer:
+            raise ValueError(f"the checkpoint in {found} was trained with --optimizer {saved_optimizer}; resume "
+                             f"with --optimizer {saved_optimizer}, or pass --no-resume to start over")
         if sharded:
             load_sharded_state(found, self.model, self.optimizer)
         else:
@@ -656,8 +675,12 @@ class Trainer:
         last = None
         window_start, window_steps = time.perf_counter(), 0
         step = start_step
+        paused = False
         with self._stop_on_signals():
             while step < self.total_steps:
+                if cfg.stop_at_step is not None and step >= cfg.stop_at_step:
+                    paused = True
+                    break
                 if self.dist.any(self._stop_signal is not None):
                     self._stop_signal = self._stop_signal or "a signal to another rank"
                     break
@@ -697,6 +720,11 @@ class Trainer:
         if self.skipped_steps:
             self._log(f"{self.skipped_steps} step(s) had a non-finite loss or gradient and were skipped "
                       "(--on-nan skip)")
+        if paused and not self._stop_signal:
+            self._log(f"paused at step {step} (--stop-at-step); checkpoint saved in {self.checkpoint_dir}. "
+                      "Run again without --stop-at-step (or with a later one) to continue.")
+            summary["status"] = "paused"
+            return summary
         if self._stop_signal:
             self._log(f"stopped at step {step}; checkpoint saved in {self.checkpoint_dir}. "
                       "Run the same command again to resume.")

@@ -1,0 +1,137 @@
+"""The training recipe: learning-rate schedules (cosine, warmup-stable-decay, constant), Muon's
+parameter groups, the two-optimizer state round trip, and the flags that choose them."""
+
+import math
+
+import pytest
+import torch
+
+from config import ConfigError, EtudeConfig, TrainConfig, resolve_train_config
+from model.model import EtudeModel
+from train.optim import MuonWithAdamW, build_optimizer, muon_parameter_names
+from train.trainer import lr_at
+
+TOY = dict(vocab_size=64, hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+
+
+def schedule(total: int, warmup: int, **settings) -> list[float]:
+    cfg = TrainConfig(lr=1.0, warmup_steps=warmup, **settings)
+    return [lr_at(step, total, cfg, warmup) for step in range(total)]
+
+
+def test_wsd_warms_up_holds_then_cools_down_linearly():
+    lrs = schedule(10, 2, schedule="wsd", cooldown_frac=0.4, min_lr_ratio=0.0)
+    # warmup 0.5, 1; stable until step 6 = 10 - 4; then 1 - (step - 6) / 4
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_wsd_one_minus_sqrt_cooldown_and_floor():
+    lrs = schedule(10, 2, schedule="wsd", cooldown_frac=0.4, min_lr_ratio=0.1, cooldown="1-sqrt")
+    expected_tail = [0.1 + 0.9 * (1 - math.sqrt(p)) for p in (0.0, 0.25, 0.5, 0.75)]
+    assert lrs[:6] == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert lrs[6:] == pytest.approx(expected_tail)
+
+
+def test_wsd_without_cooldown_is_constant_and_cooldown_never_cuts_warmup():
+    assert schedule(6, 2, schedule="wsd", cooldown_frac=0.0) == pytest.approx([0.5, 1, 1, 1, 1, 1])
+    assert schedule(6, 2, schedule="constant", min_lr_ratio=0.0) == pytest.approx([0.5, 1, 1, 1, 1, 1])
+    # a cool-down of the whole run starts after warmup
+    lrs = schedule(6, 2, schedule="wsd", cooldown_frac=1.0, min_lr_ratio=0.0)
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_cosine_is_unchanged():
+    lrs = schedule(12, 2, min_lr_ratio=0.1)
+    assert lrs[:2] == pytest.approx([0.5, 1.0])
+    assert lrs[2] == pytest.approx(1.0)
+    assert lrs[7] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = EtudeModel(EtudeConfig(**TOY))
+    names = muon_parameter_names(model)
+    per_layer = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    assert sorted(names) == sorted(f"layers.{i}.{p}.weight" for i in range(2) for p in per_layer)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.05), fused=False)
+    muon, adamw = optimizer.optimizers["muon"], optimizer.optimizers["adamw"]
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    assert {by_id[id(p)] for g in muon.param_groups for p in g["params"]} == set(names)
+    adamw_names = {by_id[id(p)] for g in adamw.param_groups for p in g["params"]}
+    # the tied embedding (= lm_head), every norm
+    assert adamw_names == {"embed_tokens.weight", "norm.weight"} | {
+        f"layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
+    assert [g["lr_scale"] for g in muon.param_groups] == [pytest.approx(50.0)]
+    assert all(g.get("lr_scale", 1.0) == 1.0 for g in adamw.param_groups)
+
+
+def test_muon_grouping_of_moe_and_untied_head():
+    model = EtudeModel(EtudeConfig(**TOY, use_moe=True, n_experts=3, top_k=2, n_shared_experts=1,
+                                   tie_embeddings=False))
+    names = set(muon_parameter_names(model))
+    assert "layers.0.mlp.experts.2.down_proj.weight" in names
+    assert "layers.1.mlp.shared_expert.up_proj.weight" in names
+    for adamw_side in ("layers.0.mlp.gate.weight", "layers.0.mlp.shared_expert_gate.weight", "lm_head.weight",
+                       "embed_tokens.weight"):
+        assert adamw_side not in names
+
+
+def _train(optimizer, model, steps, data, start=0):
+    losses = []
+    for step in range(start, start + steps):
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-2 * group.get("lr_scale", 1.0)
+        batch = data[step % len(data)]
+        _, loss, _ = model(batch, labels=batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_muon_state_round_trip_continues_exactly(tmp_path):
+    torch.manual_seed(0)
+    data = [torch.randint(0, 64, (2, 16)) for _ in range(3)]
+    cfg = TrainConfig(optimizer="muon", lr=1e-2, muon_lr=0.02)
+    model = EtudeModel(EtudeConfig(**TOY))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = _train(build_optimizer(model, cfg, fused=False), model, 6, data)
+
+    model.load_state_dict(start)
+    optimizer = build_optimizer(model, cfg, fused=False)
+    first = _train(optimizer, model, 3, data)
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+
+    after_three = {k: v.clone() for k, v in model.state_dict().items()}
+
+    resumed_model = EtudeModel(EtudeConfig(**TOY))
+    resumed_model.load_state_dict(after_three)
+    resumed = build_optimizer(resumed_model, cfg, fused=False)
+    resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    assert len(resumed.optimizers["muon"].state) == 14, "every matrix's momentum buffer is restored"
+    assert first + _train(resumed, resumed_model, 3, data, start=3) == reference
+    # without the restored momentum the continuation differs: the round trip is what makes it exact
+    fresh_model = EtudeModel(EtudeConfig(**TOY))
+    fresh_model.load_state_dict(after_three)
+    assert _train(build_optimizer(fresh_model, cfg, fused=False), fresh_model, 3, data, start=3) != reference[3:]
+
+
+def test_muon_refuses_plain_adamw_state_and_vice_versa():
+    model = EtudeModel(EtudeConfig(**TOY))
+    adamw = build_optimizer(model, TrainConfig(optimizer="adamw"), fused=False)
+    both = build_optimizer(model, TrainConfig(optimizer="muon"), fused=False)
+    assert isinstance(both, MuonWithAdamW)
+    with pytest.raises(ValueError, match="plain AdamW state.*--optimizer muon.*--no-resume"):
+        both.load_state_dict(adamw.state_dict())
+
+
+def test_recipe_settings_are_checked_and_muon_refuses_fsdp():
+    with pytest.raises(ConfigError) as excinfo:
+        TrainConfig(optimizer="sgd", schedule="linear", cooldown_frac=1.5, cooldown="cosine", muon_lr=0)
+    message = str(excinfo.value)
+    for fragment in ("optimizer must be adamw or muon", "schedule must be cosine, wsd or constant",
+                     "cooldown_frac must be in [0, 1]", "cooldown must be linear or 1-sqrt", "muon_lr must be > 0"):
+        assert fragment in message
+    with pytest.raises(ConfigError, match="optimizer muon cannot run with fsdp.*--optimizer adamw"):
+        resolve_train_config("pretrain", None, {"optimizer": "muon", "fsdp": True})
