@@ -325,8 +325,9 @@ def test_damaged_checkpoint_is_named_and_no_resume_still_works(trained, corpus, 
     assert err.startswith("error: ") and "Traceback" not in err
     assert __import__("re").search(message, err), err
     assert "--no-resume" in err
-    assert pretrain_main([*args, "--no-resume"]) == 0
-    assert checkpoint_step(out) == 4 and litter(out) == []
+    if damage is truncate:  # starting over works (once per file: a run costs ~1 s)
+        assert pretrain_main([*args, "--no-resume"]) == 0
+        assert checkpoint_step(out) == 4 and litter(out) == []
 
 
 @pytest.mark.parametrize("name,damage,message", [
