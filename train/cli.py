@@ -124,7 +124,7 @@ def run_stage(body: Callable[[], dict[str, Any]]) -> int:
     from train.data import DataError  # torch-heavy; imported only when a stage runs
     try:
         summary = body()
-    except (ConfigError, DataError, OSError, ValueError) as exc:
+    except (ConfigError, DataError, OSError, ValueError) as exc:  # OSError: a full disk, permissions
         if os.environ.get("ETUDE_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
