@@ -1,7 +1,9 @@
 """The training recipe: learning-rate schedules (cosine, warmup-stable-decay, constant), Muon's
 parameter groups, the two-optimizer state round trip, and the flags that choose them."""
 
+import json
 import math
+import shlex
 
 import pytest
 import torch
@@ -135,3 +137,56 @@ def test_recipe_settings_are_checked_and_muon_refuses_fsdp():
         assert fragment in message
     with pytest.raises(ConfigError, match="optimizer muon cannot run with fsdp.*--optimizer adamw"):
         resolve_train_config("pretrain", None, {"optimizer": "muon", "fsdp": True})
+
+
+# ---- tool/compare_recipes.py ---------------------------------------------------------------------
+
+def toy_train_args(folder, tokenizer_dir) -> str:
+    from tests.helpers import TOY_MODEL, write_corpus
+    write_corpus(folder / "train.jsonl", 300, seed=1)
+    write_corpus(folder / "val.jsonl", 30, seed=2)
+    return (f"--data {folder / 'train.jsonl'} --val-data {folder / 'val.jsonl'} --tokenizer-dir {tokenizer_dir} "
+            f"--model-config '{TOY_MODEL}' --seq-len 32 --batch-size 4 --eval-batches 2 --device cpu --dtype fp32")
+
+
+def test_compare_recipes_in_turns_equals_uninterrupted_runs(tiny_tokenizer_dir, tmp_path, capsys):
+    from tests.helpers import step_losses
+    from tool.compare_recipes import main as compare_main
+    from train.train_pretrain import main as pretrain_main
+    train_args = toy_train_args(tmp_path, tiny_tokenizer_dir)
+    muon = "--optimizer muon --schedule wsd --lr 3e-3 --warmup-steps 2 --min-lr-ratio 0"
+    out = tmp_path / "compare"
+    assert compare_main(["--tokens", str(12 * 4 * 32), "--segments", "3", "--recipes", "baseline",
+                         "--recipe", f"muon={muon}", "--train-args", train_args, "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    runs = results["comparisons"][0]["runs"]
+    assert list(runs) == ["baseline", "muon"]
+    for name, run in runs.items():
+        assert run["steps"] == 12 and run["tokens"] == 12 * 128
+        assert [p["step"] for p in run["curve"]] == [0, 4, 8, 12]
+        assert run["train_seconds"] > 0 and run["tokens_per_sec"] > 0
+        assert f"{name:<14} {12:>6}" in printed
+    # the same initialisation for every recipe
+    assert runs["baseline"]["curve"][0]["val_bpb"] == runs["muon"]["curve"][0]["val_bpb"]
+    assert runs["muon"]["final_val_bpb"] < runs["muon"]["curve"][0]["val_bpb"]
+    change = (runs["muon"]["final_val_bpb"] - runs["baseline"]["final_val_bpb"]) / runs["baseline"]["final_val_bpb"]
+    assert f"{change:+.1%}" in printed
+    # taking turns in pieces (--stop-at-step, resume) trains exactly what one uninterrupted run trains
+    whole = tmp_path / "whole"
+    assert pretrain_main(["--preset", "tiny", *shlex.split(train_args), *shlex.split(muon), "--out-dir", str(whole),
+                          "--max-steps", "12", "--eval-every", "4", "--log-every", "1"]) == 0
+    assert step_losses(whole) == step_losses(out / "tokens" / "muon")
+
+
+def test_compare_recipes_reports_bad_recipes(capsys, tmp_path):
+    from tool.compare_recipes import main as compare_main
+    assert compare_main(["--tokens", "100", "--recipes", "baseline", "--out-dir", str(tmp_path)]) == 2
+    assert "compare at least two recipes" in capsys.readouterr().err
+    assert compare_main(["--tokens", "100", "--recipes", "baseline,nope", "--out-dir", str(tmp_path)]) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().err
+    assert compare_main(["--tokens", "100", "--recipe", "a=--max-steps 3", "--recipe", "b=",
+                         "--out-dir", str(tmp_path)]) == 2
+    assert "sets ['--max-steps'], which the tool sets itself" in capsys.readouterr().err
+    assert compare_main(["--recipes", "baseline,default", "--out-dir", str(tmp_path)]) == 2
+    assert "give a budget" in capsys.readouterr().err
