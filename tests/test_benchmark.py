@@ -58,3 +58,39 @@ def test_bad_flags_are_reported_together(capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "--steps must be positive" in err and "fp8" in err and "--threads" in err
+
+
+def test_int8_decoding_copy_tracks_the_model_and_is_reported(tmp_path):
+    import torch
+
+    from config import EtudeConfig
+    from model.model import EtudeModel, Int8Linear, quantize_int8
+
+    torch.manual_seed(0)
+    model = EtudeModel(EtudeConfig(vocab_size=256, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                   max_seq_len=64)).eval()
+    quantized = quantize_int8(model)
+    linears = [m for m in quantized.modules() if isinstance(m, Int8Linear)]
+    assert len(linears) == 2 * 7 + 1  # q k v o gate up down per layer, and the (tied) output layer
+    assert model.lm_head.weight is model.embed_tokens.weight  # the original is untouched
+    ids = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        reference, int8 = model(ids)[0], quantized(ids)[0]
+    # Per-row int8 moves a logit by a small fraction of the logits' spread, no more.
+    assert (int8 - reference).abs().max() < 0.05 * reference.abs().max()
+    assert (int8 - reference).abs().max() > 0  # it really is another computation
+    prompt = ids[0, :8]
+    assert len(list(quantized.generate(prompt, max_new_tokens=5))) == 5
+    with pytest.raises(ValueError, match="CPU"):
+        quantize_int8(model.to("meta"))
+
+    out = tmp_path / "bench.json"
+    assert benchmark_main(["--shape", "toy", "--quick", "--dtypes", "fp32", "--steps", "1", "--warmup", "0",
+                           "--new-tokens", "4", "--prefill-len", "8", "--json", str(out),
+                           "--tokenizer", str(tmp_path / "none")]) == 0
+    report = json.loads(out.read_text())
+    int8 = report["decode"]["int8"]["etude"]
+    assert int8["tokens_per_s"] > 0
+    assert int8["floor_ms_per_token"] < report["decode"]["fp32"]["etude"]["floor_ms_per_token"] / 3.5
+    best = max(report["decode"][m]["etude"]["tokens_per_s"] for m in ("fp32", "int8"))
+    assert report["decode_speedup"] == pytest.approx(best / report["decode"]["fp32"]["transformers"]["tokens_per_s"])

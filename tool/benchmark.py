@@ -19,9 +19,10 @@ Measured, and printed as one table:
   - prefill at batch 1 (one forward over --prefill-len tokens into an empty cache), tokens/s;
   - tokenizer encode MB/s and token-cache build MB/s (train/data.py build_token_cache on a
     temporary copy of --data), when a tokenizer exists.
-The headline is the ratio Etude / transformers. The JSON (--json) holds every figure; its top
-level has train_speedup_bf16, train_speedup_fp32 and decode_speedup (fp32 weights, the CPU
-inference default) and decode_speedup_bf16.
+The headline is the ratio Etude / transformers. On CPU, Etude's weight-only int8 decoding
+(model/model.py quantize_int8) is timed too, with the first dtype. The JSON (--json) holds every
+figure; its top level has train_speedup_bf16, train_speedup_fp32 and decode_speedup: Etude's
+fastest decoding mode over transformers' fastest (decode_speedup_fp32 / _bf16: same dtype).
 
 Shapes (--shape): `issue` (default; vocab 6400, hidden 512, 8 layers, 8 heads = kv heads, seq 512,
 batch 8, ~29M parameters, tied embeddings), `toy` (for tests), and every dense repository preset
@@ -48,7 +49,7 @@ import torch
 
 from config import PRESETS, PRETRAIN_DATA, TOKENIZER_DIR, ConfigError, EtudeConfig, TrainConfig
 from model.hf_llama import config_to_hf, state_to_hf
-from model.model import EtudeModel, KVCache
+from model.model import EtudeModel, KVCache, quantize_int8
 
 SHAPES: dict[str, dict] = {
     "issue": {"model": dict(vocab_size=6400, hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=8,
@@ -191,7 +192,8 @@ def train_steps(etude: EtudeModel, hf, batch: torch.Tensor, dtype: torch.dtype, 
 def weight_bytes_per_token(model: EtudeModel, dtype: torch.dtype) -> int:
     """Bytes of weights a decoding step reads: every matmul weight, the output layer included
     (a tied one read as lm_head), but only one row of the embedding table."""
-    return int(model.flops_per_token(seq_len=0) / 6) * torch.finfo(dtype).bits // 8
+    bits = torch.iinfo(dtype).bits if dtype == torch.int8 else torch.finfo(dtype).bits
+    return int(model.flops_per_token(seq_len=0) / 6) * bits // 8
 
 
 # ---- the measurements -------------------------------------------------------------------------------
@@ -226,6 +228,7 @@ def measure_decoding(etude, hf, config, args, device, bandwidth) -> tuple[dict, 
     prefill_ids = torch.randint(3, config.vocab_size, (1, args.prefill_len), generator=generator).to(device)
     new = args.new_tokens
     decode, prefill, outputs = {}, {}, {}
+    quantized = quantize_int8(etude) if device.type == "cpu" and args.int8 else None
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         ours = copy.deepcopy(etude).to(dtype).eval()
@@ -250,18 +253,36 @@ def measure_decoding(etude, hf, config, args, device, bandwidth) -> tuple[dict, 
         def hf_prefill():
             theirs(input_ids=prefill_ids, use_cache=True, logits_to_keep=1)
 
-        times = alternate({"etude": etude_decode, "transformers": hf_decode}, args.decode_repeats, 1, device)
+        runs = {"etude": etude_decode, "transformers": hf_decode}
+        if quantized is not None and dtype_name == args.dtypes[0]:
+            # Etude's weight-only int8 decoding (model/model.py quantize_int8), in the same
+            # alternation; transformers has no built-in counterpart on CPU, so the headline
+            # compares it with transformers' fastest dtype.
+            def int8_decode():
+                generated["int8"] = list(quantized.generate(prompt, max_new_tokens=new, temperature=0.0))
+            runs["int8"] = int8_decode
+        times = alternate(runs, args.decode_repeats, 1, device)
+        if "int8" in times:
+            # int8 weights plus one bf16 scale per output row.
+            int8_bytes = weight_bytes_per_token(etude, torch.int8) * (1 + 2 / config.hidden_size)
+            int8_entry = {"etude": {"tokens_per_s": new / statistics.median(times["int8"]),
+                                        "ms_per_token": statistics.median(times["int8"]) / new * 1e3,
+                                        "floor_ms_per_token": int8_bytes / bandwidth * 1e3,
+                                        "floor_tokens_per_s": bandwidth / int8_bytes}}
+            outputs["int8"] = {"etude": generated.pop("int8"), f"{dtype_name} etude": list(generated["etude"])}
         floor_s = weight_bytes_per_token(etude, dtype) / bandwidth
         decode[dtype_name] = {impl: {"tokens_per_s": new / statistics.median(times[impl]),
                                      "ms_per_token": statistics.median(times[impl]) / new * 1e3,
                                      "floor_ms_per_token": floor_s * 1e3,
                                      "floor_tokens_per_s": 1 / floor_s} for impl in IMPLS}
-        outputs[dtype_name] = dict(generated)
+        outputs[dtype_name] = {impl: generated[impl] for impl in IMPLS}
         times = alternate({"etude": etude_prefill, "transformers": hf_prefill}, args.decode_repeats, 1, device)
         prefill[dtype_name] = {impl: {"tokens_per_s": args.prefill_len / statistics.median(times[impl])}
                                for impl in IMPLS}
         print(f"  decode {dtype_name}: etude {decode[dtype_name]['etude']['tokens_per_s']:,.1f} tok/s, "
               f"transformers {decode[dtype_name]['transformers']['tokens_per_s']:,.1f} tok/s", flush=True)
+    if quantized is not None:
+        decode["int8"] = int8_entry
     return decode, prefill, outputs
 
 
@@ -324,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--new-tokens", type=int, default=None, help="tokens decoded per run (default 256; --quick 16)")
     add("--prefill-len", type=int, default=None, help="prefill tokens at batch 1 (default: --seq-len)")
     add("--decode-repeats", type=int, default=None, help="timed decoding runs of each (default 3; --quick 1)")
+    add("--no-int8", dest="int8", action="store_false",
+        help="leave out Etude's weight-only int8 decoding (CPU only; on by default there)")
     add("--tokenizer", default=str(TOKENIZER_DIR), help=f"tokenizer folder (default {TOKENIZER_DIR})")
     add("--data", default=str(PRETRAIN_DATA),
         help=f"corpus for the tokenizer and cache figures; generated text if missing (default {PRETRAIN_DATA})")
@@ -373,6 +396,12 @@ def resolve(args: argparse.Namespace) -> EtudeConfig:
     return EtudeConfig(**model)
 
 
+def best_ratio(figures: dict) -> float:
+    """Etude's fastest mode over transformers' fastest mode."""
+    best = {impl: max(pair[impl]["tokens_per_s"] for pair in figures.values() if impl in pair) for impl in IMPLS}
+    return best["etude"] / best["transformers"]
+
+
 def ratio(figures: dict, dtype: str) -> float | None:
     if dtype not in figures:
         return None
@@ -383,14 +412,14 @@ def print_table(report: dict) -> None:
     rows = []
     for what in ("train", "decode", "prefill"):
         for dtype, pair in report[what].items():
-            etude, hf = pair["etude"], pair["transformers"]
+            etude, hf = pair["etude"], pair.get("transformers")
             extra = ""
             if what == "train":
                 extra = f"MFU {etude['mfu']:.1%} vs {hf['mfu']:.1%}"
             elif what == "decode":
                 extra = f"floor {etude['floor_ms_per_token']:.1f} ms/tok = {etude['floor_tokens_per_s']:,.0f} tok/s"
-            rows.append((f"{what} {dtype}", f"{etude['tokens_per_s']:,.1f}", f"{hf['tokens_per_s']:,.1f}",
-                         f"{etude['tokens_per_s'] / hf['tokens_per_s']:.2f}x", extra))
+            rows.append((f"{what} {dtype}", f"{etude['tokens_per_s']:,.1f}", f"{hf['tokens_per_s']:,.1f}" if hf else "-",
+                         f"{etude['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-", extra))
     header = ("tokens/s", "etude", "transformers", "ratio", "")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
     for row in [header] + rows:
@@ -440,11 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     train = measure_training(etude, hf, config, args, device, ceilings, peaks)
     decode, prefill, outputs = measure_decoding(etude, hf, config, args, device, bandwidth)
     text = measure_text(args)
-    same_tokens = {d: sum(a == b for a, b in zip(o["etude"], o["transformers"])) / max(len(o["etude"]), 1)
+    same_tokens = {d: sum(a == b for a, b in zip(*o.values())) / max(len(o["etude"]), 1)
                    for d, o in outputs.items()}
     report = {
         "train_speedup_bf16": ratio(train, "bf16"), "train_speedup_fp32": ratio(train, "fp32"),
-        "decode_speedup": ratio(decode, "fp32") or ratio(decode, "bf16"), "decode_speedup_bf16": ratio(decode, "bf16"),
+        "decode_speedup": best_ratio(decode), "decode_speedup_fp32": ratio(decode, "fp32"),
+        "decode_speedup_bf16": ratio(decode, "bf16"),
         "prefill_speedup": ratio(prefill, "fp32") or ratio(prefill, "bf16"),
         "tokenizer_encode_mb_s": text.get("tokenizer_encode_mb_s"),
         "data_cache_build_mb_s": text.get("data_cache_build_mb_s"),
@@ -460,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print_table(report)
     print(f"headline: training {report['train_speedup_fp32'] or 0:.2f}x (fp32), {report['train_speedup_bf16'] or 0:.2f}x "
-          f"(bf16); decoding {report['decode_speedup']:.2f}x; greedy tokens agreeing {same_tokens}")
+          f"(bf16); decoding {report['decode_speedup']:.2f}x (fastest against fastest); share of greedy tokens "
+          f"agreeing (int8: with fp32 Etude) {same_tokens}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.json}")
