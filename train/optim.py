@@ -54,10 +54,6 @@ class MuonWithAdamW:
     def param_groups(self) -> list[dict[str, Any]]:
         return [group for optimizer in self.optimizers.values() for group in optimizer.param_groups]
 
-    @property
-    def state(self) -> dict:
-        return {**self.optimizers["muon"].state, **self.optimizers["adamw"].state}
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=set_to_none)
