@@ -298,10 +298,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                          eval_every=100, eval_batches=8, save_every=100, log_every=5),
         "sft": dict(seq_len=256, batch_size=8, lr=1e-3, epochs=3, warmup_steps=10,
                     eval_every=100, eval_batches=8, save_every=100, log_every=5),
-        # The demo identity set packs into 30 windows: batch 4 gives 7 steps an epoch, and 10
-        # epochs at 2e-3 teach the name (~70 steps, well under a minute on 2 idle CPU cores).
-        "lora": dict(seq_len=256, batch_size=4, lr=2e-3, epochs=10, warmup_steps=10, eval_every=35,
-                     eval_batches=4, save_every=35, log_every=5),
+        # The demo LoRA set (160 identity chats among 960 rehearsed SFT chats) packs into ~220
+        # windows: batch 4 and 3 epochs at 2e-3 teach the name in ~170 steps (about a minute on 2
+        # idle CPU cores) and keep most trained answers (see tool/prepare_data.py LORA_REHEARSAL).
+        "lora": dict(seq_len=256, batch_size=4, lr=2e-3, epochs=3, warmup_steps=10, eval_every=50,
+                     eval_batches=4, save_every=50, log_every=5),
     },
     # ~26M parameters: the size minimind users know.
     "small": {

