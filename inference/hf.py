@@ -219,7 +219,7 @@ def build_hf_chat(args: argparse.Namespace) -> HFChat:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__, model_help=f"Hugging Face model folder (default {HF_DIR})")
+    parser = build_parser(__doc__, model_help=f"Hugging Face model folder (default {HF_DIR})", native=False)
     return chat_main(argv, parser=parser, make_chat=build_hf_chat)
 
 

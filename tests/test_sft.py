@@ -193,6 +193,17 @@ def test_stream_decoder_holds_back_partial_characters(tiny_tokenizer_dir):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_int8_chat_answers_and_refuses_what_it_cannot_do(toy, capsys):
+    """--int8 decodes through the int8 copy (model/model.py quantize_int8): on the toy model the
+    trained answers survive the rounding; a dtype beside it is refused."""
+    model = str(toy["folder"] / "sft")
+    for question, answer in QA[:3]:
+        assert chat_main(["--model", model, "--prompt", question, "--temperature", "0", "--int8"]) == 0
+        assert capsys.readouterr().out.strip() == answer
+    assert chat_main(["--model", model, "--prompt", "hi", "--int8", "--dtype", "bf16"]) == 2
+    assert "drop --dtype" in capsys.readouterr().err
+
+
 def test_chat_refuses_empty_prompt_and_missing_model(tmp_path, capsys):
     assert chat_main(["--prompt", "   "]) == 2
     assert chat_main(["--model", str(tmp_path / "none"), "--prompt", "hi"]) == 2
