@@ -190,3 +190,24 @@ def test_compare_recipes_reports_bad_recipes(capsys, tmp_path):
     assert "sets ['--max-steps'], which the tool sets itself" in capsys.readouterr().err
     assert compare_main(["--recipes", "baseline,default", "--out-dir", str(tmp_path)]) == 2
     assert "give a budget" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~1 min on 2 busy cores: six short training runs
+def test_compare_recipes_equal_time_probes_then_sizes_each_run(tiny_tokenizer_dir, tmp_path, capsys):
+    from tool.compare_recipes import main as compare_main
+    train_args = toy_train_args(tmp_path, tiny_tokenizer_dir)
+    out = tmp_path / "compare"
+    # recipe "wide" does eight times the work per step (batch 16 against 2): it gets fewer steps
+    assert compare_main(["--seconds", "2", "--segments", "1", "--probe-steps", "4", "--probe-rounds", "2",
+                         "--recipe", "narrow=--batch-size 2",
+                         "--recipe", "wide=--batch-size 16", "--train-args", train_args, "--out-dir", str(out)]) == 0
+    comparison = json.loads((out / "results.json").read_text())["comparisons"][0]
+    assert comparison["budget"] == "seconds" and comparison["value"] == 2
+    runs = comparison["runs"]
+    for run in runs.values():
+        assert run["steps"] == max(1, int(2 / run["probe_step_seconds"]))
+        assert run["curve"][-1]["step"] == run["steps"]
+    assert runs["wide"]["probe_step_seconds"] > runs["narrow"]["probe_step_seconds"]
+    assert runs["wide"]["steps"] <= runs["narrow"]["steps"]
+    assert "equal time (2 s of steps)" in capsys.readouterr().out
+    assert not (out / "seconds" / "probe").exists(), "probe runs are removed"

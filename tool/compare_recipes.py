@@ -14,9 +14,9 @@ Every recipe is a set of train/train_pretrain.py flags on top of the common ones
 --recipe NAME=FLAGS adds your own (repeatable).
 
 Budgets: --tokens N gives every recipe N training tokens (steps = N / tokens per step);
---seconds S gives every recipe S seconds of training steps: a short probe of each recipe measures
-its step time first, and its run is that many steps long (the schedule needs its length in
-advance). Both may be given; each is its own comparison.
+--seconds S gives every recipe S seconds of training steps: short probes of each recipe, in
+turns, measure its step time relative to the first recipe's first, and its run is S / step time
+steps long (the schedule needs its length in advance). Both may be given; each is its own comparison.
 
 Drift cancels: the runs take turns in --segments pieces (A B, B A, A B, ...), each piece
 resuming the recipe's checkpoint (exact resume, so a piece-wise run equals an uninterrupted one),
@@ -145,14 +145,18 @@ def train_in_turns(recipes: dict[str, list[str]], common: list[str], steps: dict
         [*common, *recipes[name]]))} for name in recipes}
 
 
-def probe_step_seconds(recipes: dict[str, list[str]], common: list[str], probe_steps: int,
+def probe_step_seconds(recipes: dict[str, list[str]], common: list[str], probe_steps: int, rounds: int,
                        folder: Path) -> dict[str, float]:
-    """Median seconds per training step of each recipe, probed in turns (A B B A) on short runs
-    (their first step, which pays for warm-up, left out)."""
-    times: dict[str, list[float]] = {name: [] for name in recipes}
+    """Seconds per training step of each recipe, from short probe runs in turns (A B, B A, ...).
+    A shared machine's speed swings within seconds, so each recipe is measured against the
+    first one in the same round (median step time over median step time), and those ratios
+    (their median over the rounds) scale the first recipe's median step time. The first step
+    of a probe, which pays for warm-up, is left out."""
+    medians: dict[str, list[float]] = {name: [] for name in recipes}
+    folder.mkdir(parents=True, exist_ok=True)
     order = list(recipes)
-    for round_index in range(2):
-        for name in (order if round_index == 0 else order[::-1]):
+    for round_index in range(rounds):
+        for name in (order if round_index % 2 == 0 else order[::-1]):
             run_dir = folder / "probe" / name
             shutil.rmtree(run_dir, ignore_errors=True)
             run_piece([*common, *recipes[name], "--out-dir", str(run_dir), "--max-steps", str(probe_steps),
@@ -160,10 +164,13 @@ def probe_step_seconds(recipes: dict[str, list[str]], common: list[str], probe_s
                        "--val-data", "none", "--no-resume"], folder / f"probe-{name}.log")
             step_tokens = tokens_per_step([*common, *recipes[name]])
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            times[name] += [step_tokens / r["tokens_per_sec"] for r in records
-                            if "loss" in r and r.get("tokens_per_sec") and r["step"] > 1]
+            medians[name].append(statistics.median(step_tokens / r["tokens_per_sec"] for r in records
+                                                   if "loss" in r and r.get("tokens_per_sec") and r["step"] > 1))
     shutil.rmtree(folder / "probe", ignore_errors=True)
-    return {name: statistics.median(values) for name, values in times.items()}
+    first = order[0]
+    reference = statistics.median(medians[first])
+    return {name: reference * statistics.median(t / r for t, r in zip(medians[name], medians[first]))
+            for name in recipes}
 
 
 def format_table(comparison: dict[str, Any], reference: str) -> str:
@@ -214,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="equal-time budget: seconds of training steps per recipe")
     parser.add_argument("--segments", type=int, default=4,
                         help="pieces each run is cut into, taking turns (also the points of the curve; default 4)")
-    parser.add_argument("--probe-steps", type=int, default=8, help="--seconds: steps of each probe run (default 8)")
+    parser.add_argument("--probe-steps", type=int, default=6, help="--seconds: steps of each probe run (default 6)")
+    parser.add_argument("--probe-rounds", type=int, default=4,
+                        help="--seconds: probe rounds, each recipe once per round, in turns (default 4)")
     parser.add_argument("--train-args", default="",
                         help="flags for every run, e.g. \"--eval-batches 16 --dtype fp32 --data FILE\"")
     parser.add_argument("--out-dir", default=str(DEFAULT_OUT), help=f"where runs and results go (default {DEFAULT_OUT})")
@@ -223,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.tokens is None and args.seconds is None:
             raise ConfigError("give a budget: --tokens N (equal tokens) and/or --seconds S (equal training time)")
         if (args.tokens is not None and args.tokens <= 0) or (args.seconds is not None and args.seconds <= 0) \
-                or args.segments <= 0 or args.probe_steps < 2:
-            raise ConfigError("--tokens, --seconds and --segments must be > 0 and --probe-steps >= 2")
+                or args.segments <= 0 or args.probe_steps < 2 or args.probe_rounds <= 0:
+            raise ConfigError("--tokens, --seconds, --segments and --probe-rounds must be > 0 and --probe-steps >= 2")
         recipes = parse_recipes(args.recipes, args.recipe)
         common = ["--preset", args.preset, *shlex.split(args.train_args)]
         reserved = [f for f in common if f.split("=")[0] in RESERVED_FLAGS]
@@ -251,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "title": f"equal tokens ({args.tokens:,}), preset {args.preset}"})
             print(format_table(comparisons[-1], reference), flush=True)
         if args.seconds is not None:
-            step_seconds = probe_step_seconds(recipes, common, args.probe_steps, out / "seconds")
+            step_seconds = probe_step_seconds(recipes, common, args.probe_steps, args.probe_rounds, out / "seconds")
             steps = {name: max(1, int(args.seconds / step_seconds[name])) for name in recipes}
             print("equal time: " + ", ".join(f"{n} {s:.2f} s/step -> {steps[n]} steps" for n, s in step_seconds.items()),
                   flush=True)
