@@ -270,6 +270,51 @@ class SparseMoE(nn.Module):
         return out.reshape(shape[:-1] + (out.shape[-1],))
 
 
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (N, V) logits against (N,) targets (IGNORE_INDEX rows skipped), computed
+    in fp32 over row chunks of the logits, whatever their dtype: only one chunk is ever upcast. The
+    gradient (softmax - one-hot) / count is written in the forward, in the logits' dtype, and
+    scaled by the incoming gradient in the backward, so no fp32 copy of the full logits, of their
+    log-softmax or of their gradient exists (F.cross_entropy on `logits.float()` makes all three)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        valid = targets != IGNORE_INDEX
+        count = valid.sum()
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(logits) if want_grad else None
+        total = logits.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.numel(), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            part = logits[rows].float()
+            keep = valid[rows]
+            target = targets[rows].clamp(min=0)[:, None]  # an ignored row picks column 0, then is masked out
+            lse = torch.logsumexp(part, dim=-1)
+            total += ((lse - part.gather(1, target).squeeze(1)) * keep).sum()
+            if want_grad:
+                probs = (part - lse[:, None]).exp_()
+                probs.scatter_add_(1, target, -keep[:, None].float())
+                grad[rows] = probs.mul_(keep[:, None] / count)
+        ctx.save_for_backward(grad)
+        return total / count  # 0/0 = nan when every target is ignored, as F.cross_entropy gives
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None
+
+
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 1 << 22) -> torch.Tensor:
+    """F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX) (mean over the kept
+    targets) without materialising fp32 copies of the full (N, V) logits; see _ChunkedCrossEntropy.
+    chunk_bytes bounds the fp32 chunk (4 MiB: a few hundred rows at a 6,400-token vocabulary)."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"chunked_cross_entropy takes (N, V) logits and (N,) targets, got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    chunk_rows = max(1, chunk_bytes // (4 * logits.shape[1]))
+    return _ChunkedCrossEntropy.apply(logits, targets, chunk_rows)
+
+
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
     """Switch-Transformer load-balancing loss of one MoE layer, unscaled:
     n_experts * sum_e f_e * P_e, where f_e is the fraction of the (token, slot) assignments that
@@ -431,8 +476,7 @@ class EtudeModel(nn.Module):
         logits = self.lm_head(x)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+            loss = chunked_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         aux_loss = logits.new_zeros((), dtype=torch.float32)
         if self.config.use_moe:
             # Mean over the MoE layers of each layer's own balance loss (so a balanced router
