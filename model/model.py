@@ -63,6 +63,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_table", emb.cos(), persistent=False)
         self.register_buffer("sin_table", emb.sin(), persistent=False)
 
+    def span(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward(torch.arange(start, start + length)) as slices of the tables: the same values,
+        without reading a position back from the tensor (which torch.compile cannot trace)."""
+        if start + length > self.cos_table.shape[0]:
+            self._build(max(start + length, 2 * self.cos_table.shape[0]))
+        end = start + length
+        return self.cos_table[start:end][None, None], self.sin_table[start:end][None, None]
+
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for the given positions: (T,) -> (1, 1, T, d) or (B, T) -> (B, 1, T, d)."""
         needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
@@ -464,7 +472,10 @@ class EtudeModel(nn.Module):
                 # New queries see every cached key and the new keys up to their own position.
                 key_pos = torch.arange(start + length, device=device)
                 attn_mask = key_pos[None, :] <= query_pos[:, None]
-        cos, sin = self.rotary(positions)
+        if attention_mask is None:
+            cos, sin = self.rotary.span(start, length)  # positions = start .. start + length - 1
+        else:
+            cos, sin = self.rotary(positions)
         x = self.dropout(self.embed_tokens(input_ids))
         for block in self.layers:
             x = block(x, cos, sin, kv_cache, attn_mask)

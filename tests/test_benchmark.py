@@ -94,3 +94,66 @@ def test_int8_decoding_copy_tracks_the_model_and_is_reported(tmp_path):
     assert int8["floor_ms_per_token"] < report["decode"]["fp32"]["etude"]["floor_ms_per_token"] / 3.5
     best = max(report["decode"][m]["etude"]["tokens_per_s"] for m in ("fp32", "int8"))
     assert report["decode_speedup"] == pytest.approx(best / report["decode"]["fp32"]["transformers"]["tokens_per_s"])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_chunked_loss_matches_cross_entropy_on_upcast_logits(dtype):
+    """model/model.py's chunked loss (issue 11, round 2) is F.cross_entropy(logits.float()) in value
+    and gradient: exactly in fp32 up to summation order, to the gradient's own rounding in bf16;
+    ignored targets count for nothing, a loss of only ignored targets is nan as torch's is."""
+    import torch
+    import torch.nn.functional as F
+
+    from model.model import IGNORE_INDEX, chunked_cross_entropy
+
+    torch.manual_seed(0)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    logits = (3 * torch.randn(300, 97)).to(torch_dtype).requires_grad_()
+    targets = torch.randint(0, 97, (300,))
+    targets[::5] = IGNORE_INDEX
+    ours = chunked_cross_entropy(logits, targets, chunk_bytes=4 * 97 * 64)  # 64-row chunks: the last one short
+    (2.5 * ours).backward()
+    ours_grad, logits.grad = logits.grad.clone(), None
+    theirs = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+    (2.5 * theirs).backward()
+    assert ours.dtype == torch.float32
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    assert ours_grad.dtype == torch_dtype
+    assert ours_grad[::5].abs().max() == 0  # the ignored rows
+    # bf16: the gradient is rounded to bf16 once in the forward and once more when scaled, against
+    # torch's single rounding, so elements may differ by one bf16 unit in the last place (2**-7).
+    rtol = 1e-6 if dtype == "fp32" else 2 ** -7
+    torch.testing.assert_close(ours_grad.float(), logits.grad.float(), rtol=rtol, atol=1e-9)
+    assert torch.isnan(chunked_cross_entropy(logits, torch.full((300,), IGNORE_INDEX)))
+    with pytest.raises(ValueError, match=r"\(N, V\) logits"):
+        chunked_cross_entropy(logits[None], targets)
+
+
+def test_rotary_span_equals_the_indexed_tables():
+    """EtudeModel.forward slices the rotary tables (no position read back, so torch.compile traces
+    the step as one graph); the slices are the same values, past the built length too."""
+    import torch
+
+    from model.model import RotaryEmbedding
+
+    rotary = RotaryEmbedding(head_dim=16, max_seq_len=8, theta=10000.0)
+    for start, length in ((0, 8), (3, 4), (5, 9)):  # the last one grows the tables
+        span = rotary.span(start, length)
+        indexed = rotary(torch.arange(start, start + length))
+        assert all(torch.equal(a, b) for a, b in zip(span, indexed))
+        assert span[0].shape == (1, 1, length, 16)
+
+
+@pytest.mark.slow
+def test_compile_rows_are_reported(tmp_path):
+    out = tmp_path / "bench.json"
+    assert benchmark_main(["--shape", "toy", "--quick", "--compile", "--dtypes", "fp32", "--steps", "1",
+                           "--warmup", "0", "--new-tokens", "4", "--prefill-len", "8", "--no-int8",
+                           "--json", str(out), "--tokenizer", str(tmp_path / "none")]) == 0
+    report = json.loads(out.read_text())
+    compiled = report["train"]["fp32 compiled"]
+    assert compiled["etude"]["first_step_s"] > 0 and compiled["transformers"]["tokens_per_s"] > 0
+    assert report["train_speedup_fp32_compiled"] == pytest.approx(
+        compiled["etude"]["tokens_per_s"] / compiled["transformers"]["tokens_per_s"])
+    assert report["train_speedup_fp32_compiled_vs_eager"] == pytest.approx(
+        compiled["etude"]["tokens_per_s"] / report["train"]["fp32"]["transformers"]["tokens_per_s"])

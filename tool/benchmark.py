@@ -5,6 +5,7 @@ on the same weights and the same shape.
     python tool/benchmark.py --threads 1 --json bench.json
     python tool/benchmark.py --shape base --device cuda
     python tool/benchmark.py --shape toy --quick    # a smoke test in seconds
+    python tool/benchmark.py --threads 1 --compile  # also both models under torch.compile
 
 Measured, and printed as one table:
   - training: tokens/s of a forward + backward + AdamW step (fused where available, for both),
@@ -23,6 +24,10 @@ The headline is the ratio Etude / transformers. On CPU, Etude's weight-only int8
 (model/model.py quantize_int8) is timed too, with the first dtype. The JSON (--json) holds every
 figure; its top level has train_speedup_bf16, train_speedup_fp32 and decode_speedup: Etude's
 fastest decoding mode over transformers' fastest (decode_speedup_fp32 / _bf16: same dtype).
+With --compile, training is also timed with both models under torch.compile (rows "<dtype>
+compiled", the first step's seconds kept as the compile cost): train_speedup_<dtype>_compiled is
+compiled Etude over compiled transformers, train_speedup_<dtype>_compiled_vs_eager compiled Etude
+over eager transformers (the headline keys above stay eager against eager).
 
 Shapes (--shape): `issue` (default; vocab 6400, hidden 512, 8 layers, 8 heads = kv heads, seq 512,
 batch 8, ~29M parameters, tied embeddings), `toy` (for tests), and every dense repository preset
@@ -219,6 +224,29 @@ def measure_training(etude, hf, config, args, device, ceilings, peaks) -> dict:
                 "mfu": tokens_per_s * flops_per_token / peak, "mfu_against": peak_source}
         print(f"  train {dtype_name}: etude {out[dtype_name]['etude']['tokens_per_s']:,.0f} tok/s, "
               f"transformers {out[dtype_name]['transformers']['tokens_per_s']:,.0f} tok/s", flush=True)
+    if args.compile:
+        # Both models through torch.compile (default mode, as train/trainer.py --compile does),
+        # alternating with each other; the first call of each (tracing + code generation) is
+        # timed apart as the compile cost. The compiled modules share the eager ones' weights.
+        compiled = {"etude": torch.compile(etude), "transformers": torch.compile(hf)}
+        for dtype_name in args.dtypes:
+            steps = train_steps(compiled["etude"], compiled["transformers"], batch, DTYPES[dtype_name], device)
+            compile_s = {impl: timed(steps[impl], device) for impl in IMPLS}
+            times = alternate(steps, args.steps, args.warmup, device)
+            peak, peak_source = peaks.get(dtype_name, (ceilings[dtype_name], "measured matmul ceiling"))
+            key = f"{dtype_name} compiled"
+            out[key] = {}
+            for impl in IMPLS:
+                median = statistics.median(times[impl])
+                tokens_per_s = tokens / median
+                out[key][impl] = {
+                    "tokens_per_s": tokens_per_s, "step_ms_median": median * 1e3, "step_ms_min": min(times[impl]) * 1e3,
+                    "step_ms_all": [round(t * 1e3, 1) for t in times[impl]], "first_step_s": compile_s[impl],
+                    "tflops": tokens_per_s * flops_per_token / 1e12,
+                    "mfu": tokens_per_s * flops_per_token / peak, "mfu_against": peak_source}
+            print(f"  train {key}: etude {out[key]['etude']['tokens_per_s']:,.0f} tok/s "
+                  f"(first step {compile_s['etude']:.0f} s), transformers {out[key]['transformers']['tokens_per_s']:,.0f} "
+                  f"tok/s (first step {compile_s['transformers']:.0f} s)", flush=True)
     return out
 
 
@@ -354,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; recorded)")
     add("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     add("--seed", type=int, default=0, help="seed for the weights and the inputs (default 0)")
+    add("--compile", action="store_true",
+        help="also time training with both models under torch.compile (rows '<dtype> compiled'; "
+             "each compile takes tens of seconds on CPU)")
     add("--quick", action="store_true", help="few steps and tokens: a smoke test, not a measurement")
     add("--json", default=str(Path(tempfile.gettempdir()) / "etude_benchmark.json"),
         help="where to write every figure as JSON (default <tmp>/etude_benchmark.json)")
@@ -473,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
                    for d, o in outputs.items()}
     report = {
         "train_speedup_bf16": ratio(train, "bf16"), "train_speedup_fp32": ratio(train, "fp32"),
+        # With --compile: compiled Etude over compiled transformers, and over eager transformers.
+        **{f"train_speedup_{d}_compiled": ratio(train, f"{d} compiled") for d in args.dtypes if args.compile},
+        **{f"train_speedup_{d}_compiled_vs_eager": train[f"{d} compiled"]["etude"]["tokens_per_s"]
+           / train[d]["transformers"]["tokens_per_s"] for d in args.dtypes if args.compile},
         "decode_speedup": best_ratio(decode), "decode_speedup_fp32": ratio(decode, "fp32"),
         "decode_speedup_bf16": ratio(decode, "bf16"),
         "prefill_speedup": ratio(prefill, "fp32") or ratio(prefill, "bf16"),
@@ -489,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         "train": train, "decode": decode, "prefill": prefill, "text": text,
     }
     print_table(report)
+    if args.compile:
+        print("compiled training: " + ", ".join(
+            f"{d}: Etude compiled {report[f'train_speedup_{d}_compiled']:.2f}x transformers compiled, "
+            f"{report[f'train_speedup_{d}_compiled_vs_eager']:.2f}x transformers eager" for d in args.dtypes))
     print(f"headline: training {report['train_speedup_fp32'] or 0:.2f}x (fp32), {report['train_speedup_bf16'] or 0:.2f}x "
           f"(bf16); decoding {report['decode_speedup']:.2f}x (fastest against fastest); share of greedy tokens "
           f"agreeing (int8: with fp32 Etude) {same_tokens}")
