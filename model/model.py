@@ -319,6 +319,10 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_byt
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"chunked_cross_entropy takes (N, V) logits and (N,) targets, got "
                          f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    if logits.dtype == torch.float16:
+        # fp16 has too little range to hold the unscaled gradient (a GradScaler scales it only in
+        # the backward): keep torch's path, whose gradient stays fp32 until after the scaling.
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
     chunk_rows = max(1, chunk_bytes // (4 * logits.shape[1]))
     return _ChunkedCrossEntropy.apply(logits, targets, chunk_rows)
 

@@ -129,6 +129,22 @@ def test_chunked_loss_matches_cross_entropy_on_upcast_logits(dtype):
         chunked_cross_entropy(logits[None], targets)
 
 
+def test_chunked_loss_keeps_tiny_fp16_gradients_for_the_grad_scaler():
+    """In fp16 the loss goes through torch's own path: a gradient of ~1e-9 per logit (many
+    targets, a confident model) would flush to zero if it were stored in fp16 before a
+    GradScaler's factor reaches it in the backward."""
+    import torch
+
+    from model.model import chunked_cross_entropy
+
+    logits = torch.zeros(4096, 64, dtype=torch.float16)
+    logits[:, 0] = 20.0  # softmax of the other columns ~2e-9, / 4096 targets
+    logits.requires_grad_()
+    targets = torch.zeros(4096, dtype=torch.long)
+    (65536.0 * chunked_cross_entropy(logits, targets)).backward()
+    assert logits.grad[:, 1:].min() > 0
+
+
 def test_rotary_span_equals_the_indexed_tables():
     """EtudeModel.forward slices the rotary tables (no position read back, so torch.compile traces
     the step as one graph); the slices are the same values, past the built length too."""
