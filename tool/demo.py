@@ -28,11 +28,8 @@ QUESTIONS = ("What is the name of the nearest major galaxy to the Milky Way?", "
              "What do you like to do on weekends?")
 # Asked without and with the LoRA adapter: the identity question (the adapter's lesson) and a
 # trained trivia question that the SFT model answers exactly and that is not among the LoRA set's
-# rehearsed chats, so the adapter should leave its answer as it was. (The galaxy question above
-# is a poor one here: "What is the name of ..." is close enough to "What is your name?" that the
-# adapter answers it as Mira.)
-LORA_QUESTIONS = ("What is your name?",
-                  "On which ship did Charles Darwin make his famous expedition, which led to his theory of evolution?")
+# rehearsed chats, so the adapter should leave its answer as it was.
+LORA_QUESTIONS = ("What is your name?", "Who was the only US President to resign?")
 LORA_NAME = "identity"
 
 

@@ -396,7 +396,8 @@ LORA_EXAMPLES = 160
 # Rehearsal: ordinary SFT conversations mixed into the LoRA set so the adapter learns *when* to
 # answer as Mira, not to answer everything as Mira. On the tiny demo model, trained on identity
 # chats alone the adapter turned the answers to every trained trivia question into its persona
-# (0 of 7 that the SFT model recalled exactly were kept); with 960 rehearsal chats, 5 of 7.
+# (0 of 7 that the SFT model recalled exactly were kept); with 960 rehearsal chats it keeps about
+# half (README, "LoRA adapters").
 LORA_REHEARSAL = 960
 
 
