@@ -520,7 +520,16 @@ class EtudeModel(nn.Module):
             per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
             matmul_params -= cfg.n_layers * (cfg.n_experts - cfg.top_k) * per_expert
         attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-        return 6 * matmul_params + attention
+        # Forward 2 and the input gradient 2 per weight; the weight gradient 2 more, but only for
+        # weights that train (a LoRA run freezes the base: its few adapter weights are counted
+        # whole, every expert's included, a slight over-count for a mixture of experts).
+        frozen = [p for p in self.parameters() if not p.requires_grad]
+        if not frozen:
+            return 6 * matmul_params + attention
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad and p is not self.embed_tokens.weight)
+        if cfg.tie_embeddings and self.embed_tokens.weight.requires_grad:
+            trainable += self.lm_head.weight.numel()
+        return 4 * matmul_params + 2 * trainable + attention
 
     def estimate_mfu(self, tokens_per_second: float, seq_len: int, peak_flops: float) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak."""

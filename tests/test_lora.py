@@ -67,6 +67,20 @@ def test_fresh_adapter_leaves_logits_unchanged_and_wraps_every_projection():
     assert trainable == {f"{n}.{part}.weight" for n in names for part in ("lora_A", "lora_B")}
 
 
+def test_training_flops_leave_out_the_frozen_weights_gradients():
+    # MFU of a LoRA run: the frozen base costs forward (2) and input gradient (2) per weight but
+    # no weight gradient (2), so its share is 4/6 of a full fine-tune's; adapters cost all 6.
+    model, seq_len = tiny_model(), 24
+    cfg = model.config
+    base = model.num_parameters(exclude_embeddings=True) + model.lm_head.weight.numel()  # tied head is a matmul
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    assert model.flops_per_token(seq_len) == 6 * base + attention
+    apply_lora(model, r=4, alpha=8)
+    adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert adapter > 0
+    assert model.flops_per_token(seq_len) == 4 * base + 6 * adapter + attention
+
+
 def test_merged_equals_unmerged_and_merge_and_unload_gives_a_plain_model():
     model, ids = tiny_model(), sample_ids()
     plain_keys = set(model.state_dict_for_save())
