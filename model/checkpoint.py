@@ -135,6 +135,9 @@ def save_model_folder(model: EtudeModel, folder: Path | str, tokenizer_dir: Path
     if tokenizer_dir is not None and tokenizer_dir.resolve() == folder.resolve():
         tokenizer_dir = None  # the tokenizer files are already there
     if folder.exists():
+        for stale in folder.glob(".*.tmp"):  # files of a save that was killed half-way
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
         _write_folder_files(model, folder, tokenizer_dir, extra_config)
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -280,6 +280,18 @@ def test_disk_full_while_writing_the_model_folder_keeps_the_old_files(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_a_killed_save_into_an_existing_model_folder_leaves_no_temporary_file_behind(tmp_path):
+    # SIGKILL half-way through writing the weights leaves the previous files intact plus the
+    # half-written temporary; the next save of that folder removes it.
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    save_model_folder(EtudeModel(EtudeConfig(**TOY_SHAPE)), folder)
+    (folder / ".model.safetensors.k1ll3d.tmp").write_bytes(b"half")
+    save_model_folder(EtudeModel(EtudeConfig(**TOY_SHAPE)), folder)
+    assert litter(folder) == []
+    load_model_folder(folder)
+
+
 TOY_SHAPE = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
 
 
