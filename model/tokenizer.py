@@ -19,6 +19,8 @@ servers can tokenize cheaply.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,15 @@ class EtudeTokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def fingerprint(self) -> str:
+        """A short hash of what decides the ids: the vocabulary, the merges and the added tokens
+        (not the file's formatting), so two tokenizers of one size but other vocabularies differ."""
+        data = json.loads(self._tokenizer.to_str())
+        model = data.get("model") or {}
+        added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens") or [])
+        key = json.dumps([model.get("vocab"), model.get("merges"), added], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
     @property
     def eos_id(self) -> int:

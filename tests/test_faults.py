@@ -399,6 +399,37 @@ def test_tokenizer_that_does_not_match_the_model_is_refused(tiny_tokenizer_dir, 
         load_init_model(cfg, tokenizer_dir_given=True)
 
 
+def same_size_other_tokenizer(tokenizer_dir: Path, folder: Path) -> Path:
+    """A copy of the tokenizer with two ordinary tokens' ids swapped: same size, other ids."""
+    data = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    shutil.copy(tokenizer_dir / "tokenizer_config.json", folder)
+    return folder
+
+
+def test_another_tokenizer_of_the_same_size_is_refused(trained, corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    other = same_size_other_tokenizer(tiny_tokenizer_dir, tmp_path / "other_tokenizer")
+    assert load_tokenizer(other).vocab_size == load_tokenizer(tiny_tokenizer_dir).vocab_size
+    assert load_tokenizer(other).fingerprint() != load_tokenizer(tiny_tokenizer_dir).fingerprint()
+    # Resuming a run with a retrained tokenizer in the same place.
+    out = tmp_path / "model"
+    shutil.copytree(trained, out)
+    assert pretrain_main(run_args(corpus, other, out, "--max-steps", "4")) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint in {out / 'checkpoint'} was trained with another tokenizer than the one in {other}" in err
+    assert "--no-resume" in err
+    # A later stage pointed at it, while the model folder holds its own copy.
+    cfg = TrainConfig(stage="sft", init_from=str(trained), tokenizer_dir=str(other), seq_len=32)
+    with pytest.raises(ValueError, match=f"the tokenizer in {other} is not the one the model in {trained} was trained"):
+        load_init_model(cfg, tokenizer_dir_given=True)
+    cfg = TrainConfig(stage="sft", init_from=str(trained), tokenizer_dir=str(tiny_tokenizer_dir), seq_len=32)
+    assert load_init_model(cfg, tokenizer_dir_given=True)[0].vocab_size == TINY_VOCAB_SIZE  # the same one is fine
+
+
 def test_lora_adapter_for_another_base_is_refused_by_the_chat(trained, tmp_path, capsys):
     from inference.inference import main as chat_main
     torch.manual_seed(0)

@@ -147,6 +147,12 @@ def load_init_model(cfg: TrainConfig, tokenizer_dir_given: bool, inherit_seq_len
     if not tokenizer_dir_given and (init / "tokenizer.json").is_file():
         cfg.tokenizer_dir = str(init)  # the tokenizer the model was trained with
     tokenizer = load_tokenizer(cfg.tokenizer_dir)
+    if tokenizer_dir_given and (init / "tokenizer.json").is_file():
+        own = load_tokenizer(init)
+        if own.fingerprint() != tokenizer.fingerprint():
+            raise ValueError(f"the tokenizer in {cfg.tokenizer_dir} is not the one the model in {init} was trained "
+                             f"with (its own copy is in that folder: {own.vocab_size} ids against "
+                             f"{tokenizer.vocab_size}, other tokens or merges); drop --tokenizer-dir to use it")
     model = load_model_folder(init)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer in {cfg.tokenizer_dir} has {tokenizer.vocab_size} ids but the model "

@@ -333,6 +333,15 @@ NOTED_KEYS = ("epochs", "max_steps", "lr", "warmup_steps", "min_lr_ratio", "weig
               "muon_lr", "muon_weight_decay", "schedule", "cooldown_frac", "cooldown")
 
 
+def _tokenizer_fingerprint(folder: str | None) -> str | None:
+    """The fingerprint of the run's tokenizer, None when it cannot be read (toy runs without one)."""
+    from model.tokenizer import load_tokenizer
+    try:
+        return load_tokenizer(folder).fingerprint() if folder else None
+    except (OSError, ValueError):
+        return None
+
+
 # ---- the trainer --------------------------------------------------------------------------------
 
 class Trainer:
@@ -358,6 +367,7 @@ class Trainer:
         self.checkpoint_dir = self.out_dir / CHECKPOINT_SUBDIR
         self.save_model = save_model or (lambda m, folder: save_model_folder(m, folder, cfg.tokenizer_dir))
         self.sample_ids, self.decode, self.stop_ids = sample_ids, decode, stop_ids
+        self.tokenizer_fingerprint = _tokenizer_fingerprint(cfg.tokenizer_dir)
 
         world = self.dist.world_size
         self.grad_accum = self._grad_accum_for(world)
@@ -526,7 +536,8 @@ class Trainer:
         return {"step": step, "epoch": step // self.steps_per_epoch, "total_steps": self.total_steps,
                 "global_batch": self.global_batch, "samples_seen": step * self.global_batch,
                 "tokens_seen": step * self.global_batch * self.cfg.seq_len, "skipped_steps": self.skipped_steps,
-                "rng": rng, "train_config": self.cfg.to_dict(), "model_config": self.model.config.to_dict()}
+                "rng": rng, "train_config": self.cfg.to_dict(), "model_config": self.model.config.to_dict(),
+                "tokenizer": self.tokenizer_fingerprint}
 
     def save_checkpoint(self, step: int) -> None:
         if self.fsdp:
@@ -561,6 +572,11 @@ class Trainer:
                 "a run without FSDP", "drop --fsdp")
             raise ValueError(f"the checkpoint in {found} was written by {written}; to resume it, {needs}, "
                              "or pass --no-resume to start over")
+        saved_tokenizer = state.get("tokenizer") if isinstance(state, dict) else None
+        if saved_tokenizer and self.tokenizer_fingerprint and saved_tokenizer != self.tokenizer_fingerprint:
+            raise ValueError(f"the checkpoint in {found} was trained with another tokenizer than the one in "
+                             f"{self.cfg.tokenizer_dir} (other tokens or merges); resume with the tokenizer it "
+                             "was made with (--tokenizer-dir), or pass --no-resume to start over")
         saved_run = state.get("train_config") if isinstance(state, dict) else None
         saved_optimizer = saved_run.get("optimizer", "adamw") if isinstance(saved_run, dict) else self.cfg.optimizer
         if saved_optimizer != self.cfg.optimizer:
