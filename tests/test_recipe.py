@@ -179,12 +179,40 @@ def test_compare_recipes_in_turns_equals_uninterrupted_runs(tiny_tokenizer_dir, 
     assert step_losses(whole) == step_losses(out / "tokens" / "muon")
 
 
+def test_compare_recipes_fine_tunes_every_recipe_from_the_same_model(tiny_tokenizer_dir, tmp_path, capsys):
+    from tests.helpers import write_sft
+    from tool.compare_recipes import main as compare_main
+    from train.train_pretrain import main as pretrain_main
+    base = tmp_path / "base"
+    assert pretrain_main(["--preset", "tiny", *shlex.split(toy_train_args(tmp_path, tiny_tokenizer_dir)),
+                          "--out-dir", str(base), "--max-steps", "2", "--val-data", "none"]) == 0
+    write_sft(tmp_path / "sft.jsonl", repeats=8)
+    write_sft(tmp_path / "sft.val.jsonl", repeats=2)
+    out = tmp_path / "compare"
+    train_args = (f"--init-from {base} --data {tmp_path / 'sft.jsonl'} --val-data {tmp_path / 'sft.val.jsonl'} "
+                  "--seq-len 32 --batch-size 4 --eval-batches 2 --device cpu --dtype fp32")
+    assert compare_main(["--stage", "sft", "--tokens", str(6 * 4 * 32), "--segments", "2", "--recipes", "baseline",
+                         "--recipe", "fast=--lr 3e-3 --warmup-steps 1", "--train-args", train_args,
+                         "--out-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["stage"] == "sft" and "sft, equal tokens" in capsys.readouterr().out
+    runs = results["comparisons"][0]["runs"]
+    assert [run["steps"] for run in runs.values()] == [6, 6]
+    # both start from the pretrained model: the same validation before the first step
+    assert runs["baseline"]["curve"][0]["val_bpb"] == runs["fast"]["curve"][0]["val_bpb"]
+    assert runs["fast"]["final_val_bpb"] < runs["baseline"]["final_val_bpb"]  # lr 3e-3 against 3e-5 in 6 steps
+    assert "$ train_sft.py" in (out / "tokens" / "fast" / "compare.log").read_text()
+
+
 def test_compare_recipes_reports_bad_recipes(capsys, tmp_path):
     from tool.compare_recipes import main as compare_main
     assert compare_main(["--tokens", "100", "--recipes", "baseline", "--out-dir", str(tmp_path)]) == 2
     assert "compare at least two recipes" in capsys.readouterr().err
     assert compare_main(["--tokens", "100", "--recipes", "baseline,nope", "--out-dir", str(tmp_path)]) == 2
-    assert "unknown recipe 'nope'" in capsys.readouterr().err
+    assert "unknown pretrain recipe 'nope'" in capsys.readouterr().err
+    assert compare_main(["--stage", "sft", "--tokens", "100", "--recipes", "baseline,adamw-tiny",
+                         "--out-dir", str(tmp_path)]) == 2
+    assert "unknown sft recipe 'adamw-tiny'; named recipes are ['baseline', 'default']" in capsys.readouterr().err
     assert compare_main(["--tokens", "100", "--recipe", "a=--max-steps 3", "--recipe", "b=",
                          "--out-dir", str(tmp_path)]) == 2
     assert "sets ['--max-steps'], which the tool sets itself" in capsys.readouterr().err

@@ -5,11 +5,14 @@ budget, validation bits per byte at the end and along the way, and tokens/s.
     python tool/compare_recipes.py --preset tiny --seconds 600 --recipes baseline,adamw-tiny,default
     python tool/compare_recipes.py --preset tiny --tokens 819200 \\
         --recipe "muon-lr03=--optimizer muon --schedule wsd --muon-lr 0.03" --recipes baseline
+    python tool/compare_recipes.py --stage sft --preset tiny --tokens 909312 --recipes baseline,default
 
-Every recipe is a set of train/train_pretrain.py flags on top of the common ones (--preset,
---train-args). Named recipes:
-    baseline    AdamW + cosine at the original project's settings (lr 3e-4, warmup 100, floor 0.1)
-    adamw-tiny  AdamW + cosine at the tiny preset's former settings (lr 2e-3, warmup 30)
+Every recipe is a set of flags of the stage's script (train/train_pretrain.py, or with --stage sft
+train/train_sft.py, which starts every run from the same pretrained model) on top of the common
+ones (--preset, --train-args). Named recipes:
+    baseline    AdamW + cosine at the original project's settings: pretraining lr 3e-4, warmup
+                100; fine-tuning lr 3e-5, warmup 20 (floor 0.1 and weight decay 0.1 for both)
+    adamw-tiny  AdamW + cosine at the tiny preset's former pretraining settings (lr 2e-3, warmup 30)
     default     whatever the stage defaults and the preset say now (no recipe flags)
 --recipe NAME=FLAGS adds your own (repeatable).
 
@@ -47,26 +50,35 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 from config import PRESETS, WEIGHT_DIR, ConfigError
 
 NAMED_RECIPES = {
-    "baseline": "--optimizer adamw --schedule cosine --lr 3e-4 --warmup-steps 100 --min-lr-ratio 0.1 "
-                "--weight-decay 0.1",
-    "adamw-tiny": "--optimizer adamw --schedule cosine --lr 2e-3 --warmup-steps 30 --min-lr-ratio 0.1 "
-                  "--weight-decay 0.1",
-    "default": "",
+    "pretrain": {
+        "baseline": "--optimizer adamw --schedule cosine --lr 3e-4 --warmup-steps 100 --min-lr-ratio 0.1 "
+                    "--weight-decay 0.1",
+        "adamw-tiny": "--optimizer adamw --schedule cosine --lr 2e-3 --warmup-steps 30 --min-lr-ratio 0.1 "
+                      "--weight-decay 0.1",
+        "default": "",
+    },
+    "sft": {
+        "baseline": "--optimizer adamw --schedule cosine --lr 3e-5 --warmup-steps 20 --min-lr-ratio 0.1 "
+                    "--weight-decay 0.1",
+        "default": "",
+    },
 }
+SCRIPTS = {"pretrain": "train_pretrain.py", "sft": "train_sft.py"}
 # The tool sets these itself for every run.
 RESERVED_FLAGS = ("--out-dir", "--max-steps", "--stop-at-step", "--eval-every", "--save-every", "--log-every",
                   "--resume", "--no-resume", "--epochs")
 DEFAULT_OUT = WEIGHT_DIR / "compare_recipes"
 
 
-def parse_recipes(names: str, custom: list[str]) -> dict[str, list[str]]:
+def parse_recipes(names: str, custom: list[str], stage: str = "pretrain") -> dict[str, list[str]]:
     """{name: flags} from --recipes (named ones) and --recipe NAME=FLAGS; at least two."""
     recipes: dict[str, list[str]] = {}
+    named = NAMED_RECIPES[stage]
     for name in [n.strip() for n in names.split(",") if n.strip()]:
-        if name not in NAMED_RECIPES:
-            raise ConfigError(f"unknown recipe {name!r}; named recipes are {sorted(NAMED_RECIPES)} "
+        if name not in named:
+            raise ConfigError(f"unknown {stage} recipe {name!r}; named recipes are {sorted(named)} "
                               "(or define one with --recipe NAME=FLAGS)")
-        recipes[name] = shlex.split(NAMED_RECIPES[name])
+        recipes[name] = shlex.split(named[name])
     for text in custom:
         name, sep, flags = text.partition("=")
         if not sep or not name.strip():
@@ -81,25 +93,30 @@ def parse_recipes(names: str, custom: list[str]) -> dict[str, list[str]]:
     return recipes
 
 
-def tokens_per_step(flags: list[str]) -> int:
-    """Training tokens of one optimizer step of a run with these pretraining flags (one rank)."""
+def tokens_per_step(flags: list[str], stage: str = "pretrain") -> int:
+    """Training tokens of one optimizer step of a run with these flags (one rank; for
+    fine-tuning, packed windows of whole conversations, padding included)."""
     from train.cli import build_parser, train_config_from_args
-    parser = build_parser("pretrain", "")
-    parser.add_argument("--model-config")
-    cfg = train_config_from_args("pretrain", parser.parse_args(flags))
+    parser = build_parser(stage, "")
+    if stage == "pretrain":
+        parser.add_argument("--model-config")
+    cfg = train_config_from_args(stage, parser.parse_args(flags))
     return cfg.batch_size * cfg.grad_accum * cfg.seq_len
 
 
-def run_piece(flags: list[str], log: Path) -> None:
-    """One invocation of train/train_pretrain.py (in this process), its output appended to log."""
-    from train.train_pretrain import main as pretrain_main
+def run_piece(flags: list[str], log: Path, stage: str = "pretrain") -> None:
+    """One invocation of the stage's training script (in this process), its output appended to log."""
+    if stage == "pretrain":
+        from train.train_pretrain import main as train_main
+    else:
+        from train.train_sft import main as train_main
     with open(log, "a", encoding="utf-8") as handle, contextlib.redirect_stdout(handle), \
             contextlib.redirect_stderr(handle):
-        handle.write("$ train_pretrain.py " + shlex.join(flags) + "\n")
-        status = pretrain_main(flags)
+        handle.write(f"$ {SCRIPTS[stage]} " + shlex.join(flags) + "\n")
+        status = train_main(flags)
     if status != 0:
         tail = "".join(log.read_text(encoding="utf-8").splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"train_pretrain.py stopped with status {status} (log {log}):\n{tail}")
+        raise RuntimeError(f"{SCRIPTS[stage]} stopped with status {status} (log {log}):\n{tail}")
 
 
 def read_run(folder: Path, step_tokens: int) -> dict[str, Any]:
@@ -120,7 +137,7 @@ def read_run(folder: Path, step_tokens: int) -> dict[str, Any]:
 
 
 def train_in_turns(recipes: dict[str, list[str]], common: list[str], steps: dict[str, int], segments: int,
-                   folder: Path) -> dict[str, dict[str, Any]]:
+                   folder: Path, stage: str = "pretrain") -> dict[str, dict[str, Any]]:
     """Train every recipe for its number of steps, the recipes taking turns piece by piece."""
     plans = {}
     for name, flags in recipes.items():
@@ -140,13 +157,13 @@ def train_in_turns(recipes: dict[str, list[str]], common: list[str], steps: dict
                 continue
             print(f"  {name}: steps {index * plan['piece']} -> {stop} of {steps[name]}", flush=True)
             extra = ["--stop-at-step", str(stop)] if stop < steps[name] else []
-            run_piece(plan["flags"] + extra, plan["dir"] / "compare.log")
+            run_piece(plan["flags"] + extra, plan["dir"] / "compare.log", stage)
     return {name: {"flags": shlex.join(recipes[name]), **read_run(plans[name]["dir"], tokens_per_step(
-        [*common, *recipes[name]]))} for name in recipes}
+        [*common, *recipes[name]], stage))} for name in recipes}
 
 
 def probe_step_seconds(recipes: dict[str, list[str]], common: list[str], probe_steps: int, rounds: int,
-                       folder: Path) -> dict[str, float]:
+                       folder: Path, stage: str = "pretrain") -> dict[str, float]:
     """Seconds per training step of each recipe, from short probe runs in turns (A B, B A, ...).
     A shared machine's speed swings within seconds, so each recipe is measured against the
     first one in the same round (median step time over median step time), and those ratios
@@ -161,8 +178,8 @@ def probe_step_seconds(recipes: dict[str, list[str]], common: list[str], probe_s
             shutil.rmtree(run_dir, ignore_errors=True)
             run_piece([*common, *recipes[name], "--out-dir", str(run_dir), "--max-steps", str(probe_steps),
                        "--eval-every", str(probe_steps + 1), "--save-every", str(probe_steps + 1), "--log-every", "1",
-                       "--val-data", "none", "--no-resume"], folder / f"probe-{name}.log")
-            step_tokens = tokens_per_step([*common, *recipes[name]])
+                       "--val-data", "none", "--no-resume"], folder / f"probe-{name}.log", stage)
+            step_tokens = tokens_per_step([*common, *recipes[name]], stage)
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             medians[name].append(statistics.median(step_tokens / r["tokens_per_sec"] for r in records
                                                    if "loss" in r and r.get("tokens_per_sec") and r["step"] > 1))
@@ -212,11 +229,15 @@ def plot(comparisons: list[dict[str, Any]], path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=sorted(SCRIPTS), default="pretrain",
+                        help="pretraining (train_pretrain.py) or fine-tuning (train_sft.py, every run from the same "
+                             "--init-from model); default pretrain")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size (default tiny)")
     parser.add_argument("--recipes", default="baseline,default",
-                        help=f"comma-separated named recipes {sorted(NAMED_RECIPES)} (default baseline,default)")
+                        help="comma-separated named recipes: pretrain " + ", ".join(NAMED_RECIPES["pretrain"])
+                             + "; sft " + ", ".join(NAMED_RECIPES["sft"]) + " (default baseline,default)")
     parser.add_argument("--recipe", action="append", default=[], metavar="NAME=FLAGS",
-                        help="a recipe of your own: train_pretrain.py flags, e.g. \"lr1e-3=--lr 1e-3\" (repeatable)")
+                        help="a recipe of your own: the stage script's flags, e.g. \"lr1e-3=--lr 1e-3\" (repeatable)")
     parser.add_argument("--tokens", type=int, help="equal-tokens budget: training tokens per recipe")
     parser.add_argument("--seconds", type=float, help="equal-time budget: seconds of training steps per recipe")
     parser.add_argument("--segments", type=int, default=4,
@@ -234,12 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         if (args.tokens is not None and args.tokens <= 0) or (args.seconds is not None and args.seconds <= 0) \
                 or args.segments <= 0 or args.probe_steps < 2 or args.probe_rounds <= 0:
             raise ConfigError("--tokens, --seconds, --segments and --probe-rounds must be > 0 and --probe-steps >= 2")
-        recipes = parse_recipes(args.recipes, args.recipe)
+        recipes = parse_recipes(args.recipes, args.recipe, args.stage)
         common = ["--preset", args.preset, *shlex.split(args.train_args)]
         reserved = [f for f in common if f.split("=")[0] in RESERVED_FLAGS]
         if reserved:
             raise ConfigError(f"--train-args sets {reserved}, which the tool sets itself; leave them out")
-        step_tokens = {name: tokens_per_step([*common, *flags]) for name, flags in recipes.items()}
+        step_tokens = {name: tokens_per_step([*common, *flags], args.stage) for name, flags in recipes.items()}
     except (ConfigError, SystemExit) as exc:
         if isinstance(exc, SystemExit) and exc.code == 0:
             raise
@@ -255,25 +276,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.tokens is not None:
             steps = {name: max(1, args.tokens // step_tokens[name]) for name in recipes}
             print(f"equal tokens: {args.tokens:,} per recipe; steps {steps}", flush=True)
-            runs = train_in_turns(recipes, common, steps, args.segments, out / "tokens")
+            runs = train_in_turns(recipes, common, steps, args.segments, out / "tokens", args.stage)
             comparisons.append({"budget": "tokens", "value": args.tokens, "runs": runs,
-                                "title": f"equal tokens ({args.tokens:,}), preset {args.preset}"})
+                                "title": f"{args.stage}, equal tokens ({args.tokens:,}), preset {args.preset}"})
             print(format_table(comparisons[-1], reference), flush=True)
         if args.seconds is not None:
-            step_seconds = probe_step_seconds(recipes, common, args.probe_steps, args.probe_rounds, out / "seconds")
+            step_seconds = probe_step_seconds(recipes, common, args.probe_steps, args.probe_rounds, out / "seconds",
+                                              args.stage)
             steps = {name: max(1, int(args.seconds / step_seconds[name])) for name in recipes}
             print("equal time: " + ", ".join(f"{n} {s:.2f} s/step -> {steps[n]} steps" for n, s in step_seconds.items()),
                   flush=True)
-            runs = train_in_turns(recipes, common, steps, args.segments, out / "seconds")
+            runs = train_in_turns(recipes, common, steps, args.segments, out / "seconds", args.stage)
             for name in runs:
                 runs[name]["probe_step_seconds"] = step_seconds[name]
             comparisons.append({"budget": "seconds", "value": args.seconds, "runs": runs,
-                                "title": f"equal time ({args.seconds:g} s of steps), preset {args.preset}"})
+                                "title": f"{args.stage}, equal time ({args.seconds:g} s of steps), preset {args.preset}"})
             print(format_table(comparisons[-1], reference), flush=True)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    results = {"preset": args.preset, "train_args": args.train_args, "reference": reference,
+    results = {"stage": args.stage, "preset": args.preset, "train_args": args.train_args, "reference": reference,
                "recipes": {name: shlex.join(flags) for name, flags in recipes.items()}, "comparisons": comparisons}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out / 'results.json'}")
