@@ -308,7 +308,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": {
         "model": dict(vocab_size=6400, hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=2,
                       max_seq_len=512),
-        "pretrain": dict(seq_len=512),
+        # The tiny preset's recipe: measured here too, 8.9% lower bits per byte than the
+        # original AdamW + cosine at equal tokens (docs/RECIPES.md).
+        "pretrain": dict(seq_len=512, lr=2e-3, warmup_steps=30, optimizer="muon", muon_lr=0.02, schedule="wsd",
+                         cooldown_frac=0.3, min_lr_ratio=0.0),
         "sft": dict(seq_len=512),
         "lora": dict(seq_len=512),
     },
