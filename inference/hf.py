@@ -21,6 +21,7 @@ import re
 import secrets
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,9 @@ from config import HF_DIR, read_json
 from model.lora import resolve_adapter
 from inference.inference import batch_prompts, build_parser, fit_to_context, inference_dtype, main as chat_main, \
     pick_inference_device
+
+# peft (for --lora) asks transformers a deprecated question at load time; the warning is theirs, not the user's.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 class AnswerStreamer(transformers.TextIteratorStreamer):
