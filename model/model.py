@@ -509,9 +509,9 @@ class EtudeModel(nn.Module):
             n -= self.embed_tokens.weight.numel()
         return n
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6 per matmul weight, the output layer
-        included, plus attention's score and value products (PaLM appendix B)."""
+    def matmul_parameters(self) -> int:
+        """Weights one token is multiplied through: every matmul weight, the output layer included
+        (a tied one counted as lm_head), only top_k of a mixture's routed experts."""
         matmul_params = self.num_parameters(exclude_embeddings=True)
         if self.config.tie_embeddings:
             matmul_params += self.lm_head.weight.numel()
@@ -519,6 +519,12 @@ class EtudeModel(nn.Module):
         if cfg.use_moe:  # a token runs through top_k of the n_experts routed experts only
             per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
             matmul_params -= cfg.n_layers * (cfg.n_experts - cfg.top_k) * per_expert
+        return matmul_params
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 per matmul weight, the output layer
+        included, plus attention's score and value products (PaLM appendix B)."""
+        matmul_params, cfg = self.matmul_parameters(), self.config
         attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
         # Forward 2 and the input gradient 2 per weight; the weight gradient 2 more, but only for
         # weights that train (a LoRA run freezes the base: its few adapter weights are counted

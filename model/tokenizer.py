@@ -116,7 +116,9 @@ class EtudeTokenizer:
         data = json.loads(self._tokenizer.to_str())
         model = data.get("model") or {}
         added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens") or [])
-        key = json.dumps([model.get("vocab"), model.get("merges"), added], sort_keys=True, ensure_ascii=False)
+        # merges are "a b" strings in older `tokenizers` files and [a, b] pairs in newer ones
+        merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges") or []]
+        key = json.dumps([model.get("vocab"), merges, added], sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
     @property

@@ -428,6 +428,24 @@ def test_another_tokenizer_of_the_same_size_is_refused(trained, corpus, tiny_tok
         load_init_model(cfg, tokenizer_dir_given=True)
     cfg = TrainConfig(stage="sft", init_from=str(trained), tokenizer_dir=str(tiny_tokenizer_dir), seq_len=32)
     assert load_init_model(cfg, tokenizer_dir_given=True)[0].vocab_size == TINY_VOCAB_SIZE  # the same one is fine
+    # A damaged copy in the model folder is named as what is wrong (not "retrain the tokenizer").
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained, damaged, ignore=shutil.ignore_patterns("checkpoint"))
+    (damaged / "tokenizer.json").write_text("{not json", encoding="utf-8")
+    cfg = TrainConfig(stage="sft", init_from=str(damaged), tokenizer_dir=str(tiny_tokenizer_dir), seq_len=32)
+    with pytest.raises(ValueError, match=f"tokenizer file {damaged / 'tokenizer.json'} is not valid JSON .* corrupted"):
+        load_init_model(cfg, tokenizer_dir_given=True)
+
+
+def test_resuming_with_another_optimizer_names_the_runs_recipe(trained, corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    # A preset whose default optimizer changed since the run started: the message gives every flag
+    # of the run's recipe, so the resumed steps do not continue at the new learning rate.
+    out = tmp_path / "model"
+    shutil.copytree(trained, out)
+    assert pretrain_main(run_args(corpus, tiny_tokenizer_dir, out, "--max-steps", "4", "--optimizer", "muon")) == 2
+    err = capsys.readouterr().err
+    assert ("was trained with another optimizer; resume with its recipe (--optimizer adamw --lr 0.003 "
+            "--schedule cosine --warmup-steps 2 --min-lr-ratio 0.1)") in err
 
 
 def test_lora_adapter_for_another_base_is_refused_by_the_chat(trained, tmp_path, capsys):

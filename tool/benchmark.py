@@ -198,7 +198,7 @@ def weight_bytes_per_token(model: EtudeModel, dtype: torch.dtype) -> int:
     """Bytes of weights a decoding step reads: every matmul weight, the output layer included
     (a tied one read as lm_head), but only one row of the embedding table."""
     bits = torch.iinfo(dtype).bits if dtype == torch.int8 else torch.finfo(dtype).bits
-    return int(model.flops_per_token(seq_len=0) / 6) * bits // 8
+    return model.matmul_parameters() * bits // 8
 
 
 # ---- the measurements -------------------------------------------------------------------------------

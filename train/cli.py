@@ -148,7 +148,10 @@ def load_init_model(cfg: TrainConfig, tokenizer_dir_given: bool, inherit_seq_len
         cfg.tokenizer_dir = str(init)  # the tokenizer the model was trained with
     tokenizer = load_tokenizer(cfg.tokenizer_dir)
     if tokenizer_dir_given and (init / "tokenizer.json").is_file():
-        own = load_tokenizer(init)
+        try:
+            own = load_tokenizer(init)
+        except ValueError:  # the folder's copy is damaged: the one given is what the user wants
+            own = tokenizer
         if own.fingerprint() != tokenizer.fingerprint():
             raise ValueError(f"the tokenizer in {cfg.tokenizer_dir} is not the one the model in {init} was trained "
                              f"with (its own copy is in that folder: {own.vocab_size} ids against "

@@ -574,14 +574,23 @@ class Trainer:
                              "or pass --no-resume to start over")
         saved_tokenizer = state.get("tokenizer") if isinstance(state, dict) else None
         if saved_tokenizer and self.tokenizer_fingerprint and saved_tokenizer != self.tokenizer_fingerprint:
+            where = "put the one it started with back into that folder" if self.cfg.init_from else \
+                "pass the one it started with as --tokenizer-dir"
             raise ValueError(f"the checkpoint in {found} was trained with another tokenizer than the one in "
-                             f"{self.cfg.tokenizer_dir} (other tokens or merges); resume with the tokenizer it "
-                             "was made with (--tokenizer-dir), or pass --no-resume to start over")
+                             f"{self.cfg.tokenizer_dir} (other tokens or merges); {where}, or pass --no-resume "
+                             "to start over")
         saved_run = state.get("train_config") if isinstance(state, dict) else None
         saved_optimizer = saved_run.get("optimizer", "adamw") if isinstance(saved_run, dict) else self.cfg.optimizer
         if saved_optimizer != self.cfg.optimizer:
-            raise ValueError(f"the checkpoint in {found} was trained with --optimizer {saved_optimizer}; resume "
-                             f"with --optimizer {saved_optimizer}, or pass --no-resume to start over")
+            # Name the run's whole recipe: a preset whose default changed since would otherwise
+            # continue the old optimizer at the new learning rate and schedule.
+            recipe = [f"--optimizer {saved_optimizer}"]
+            for key in ("lr", "muon_lr", "schedule", "warmup_steps", "min_lr_ratio", "cooldown_frac"):
+                if isinstance(saved_run, dict) and key in saved_run and (key != "muon_lr" or saved_optimizer == "muon") \
+                        and (key != "cooldown_frac" or saved_run.get("schedule") == "wsd"):
+                    recipe.append(f"--{key.replace('_', '-')} {saved_run[key]}")
+            raise ValueError(f"the checkpoint in {found} was trained with another optimizer; resume with its "
+                             f"recipe ({' '.join(recipe)}), or pass --no-resume to start over")
         if sharded:
             load_sharded_state(found, self.model, self.optimizer)
         else:
