@@ -4,6 +4,7 @@ test interrupts."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -67,8 +68,8 @@ def assert_same_losses(resumed: Path, reference: Path, rel: float = 0.0) -> None
     assert not differ, f"steps whose loss differs (resumed, reference): {differ}"
 
 
-def launch(script: str, args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / script), *args],
+def launch(script: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

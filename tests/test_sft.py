@@ -128,25 +128,26 @@ def test_sampling_seed_fixes_the_text_and_no_seed_varies_it(toy):
 
 
 def test_sft_resume_is_exact(toy, tmp_path):
-    # Both runs in fresh fp32 processes. On this machine they agree bit for bit; on the CI machine
-    # two fresh runs of the same command already differed at step 1 (before any resume) by ~1e-6
-    # relative - the CPU kernels there are not reproducible across processes - so the comparison
-    # allows 1e-5. The pretraining test (tests/test_pretrain.py) keeps the bit-for-bit check.
+    # Fresh fp32 processes on one CPU thread. With two threads, about one fresh SFT run in six on
+    # this machine differs from the others by 1.1e-4 in the loss from the first steps on, before any
+    # resume (one of two outcomes; torch.use_deterministic_algorithms and MKL_CBWR do not change it,
+    # one thread does), which says nothing about resuming. On one thread the comparison is exact.
+    one_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     args = [*toy["sft_args"], "--max-steps", "40", "--save-every", "10", "--dtype", "fp32"]
     reference = tmp_path / "reference"
-    done = launch("train/train_sft.py", [*args, "--out-dir", str(reference)])
+    done = launch("train/train_sft.py", [*args, "--out-dir", str(reference)], one_thread)
     output = done.communicate(timeout=300)[0]
     assert done.returncode == 0, output
     interrupted = tmp_path / "interrupted"
-    process = launch("train/train_sft.py", [*args, "--out-dir", str(interrupted)])
+    process = launch("train/train_sft.py", [*args, "--out-dir", str(interrupted)], one_thread)
     wait_for(lambda: checkpoint_step(interrupted) >= 10, process)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     assert 0 < checkpoint_step(interrupted) < 40
-    resumed = launch("train/train_sft.py", [*args, "--out-dir", str(interrupted)])
+    resumed = launch("train/train_sft.py", [*args, "--out-dir", str(interrupted)], one_thread)
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
-    assert_same_losses(interrupted, reference, rel=1e-5)
+    assert_same_losses(interrupted, reference)
 
 
 def test_one_shot_chat_without_a_terminal(toy):
