@@ -529,8 +529,7 @@ class EtudeModel(nn.Module):
         # Forward 2 and the input gradient 2 per weight; the weight gradient 2 more, but only for
         # weights that train (a LoRA run freezes the base: its few adapter weights are counted
         # whole, every expert's included, a slight over-count for a mixture of experts).
-        frozen = [p for p in self.parameters() if not p.requires_grad]
-        if not frozen:
+        if all(p.requires_grad for p in self.parameters()):
             return 6 * matmul_params + attention
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad and p is not self.embed_tokens.weight)
         if cfg.tie_embeddings and self.embed_tokens.weight.requires_grad:

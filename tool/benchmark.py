@@ -203,6 +203,21 @@ def weight_bytes_per_token(model: EtudeModel, dtype: torch.dtype) -> int:
 
 # ---- the measurements -------------------------------------------------------------------------------
 
+def training_figures(times: dict[str, list[float]], tokens: int, flops_per_token: float,
+                     peak: tuple[float, str]) -> dict:
+    """Per implementation: tokens/s of the median step, the step times, TFLOP/s and MFU."""
+    figures = {}
+    for impl in IMPLS:
+        median = statistics.median(times[impl])
+        tokens_per_s = tokens / median
+        figures[impl] = {
+            "tokens_per_s": tokens_per_s, "step_ms_median": median * 1e3, "step_ms_min": min(times[impl]) * 1e3,
+            "step_ms_all": [round(t * 1e3, 1) for t in times[impl]],
+            "tflops": tokens_per_s * flops_per_token / 1e12,
+            "mfu": tokens_per_s * flops_per_token / peak[0], "mfu_against": peak[1]}
+    return figures
+
+
 def measure_training(etude, hf, config, args, device, ceilings, peaks) -> dict:
     generator = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator).to(device)
@@ -212,16 +227,8 @@ def measure_training(etude, hf, config, args, device, ceilings, peaks) -> dict:
     for dtype_name in args.dtypes:
         steps = train_steps(etude, hf, batch, DTYPES[dtype_name], device)
         times = alternate(steps, args.steps, args.warmup, device)
-        peak, peak_source = peaks.get(dtype_name, (ceilings[dtype_name], "measured matmul ceiling"))
-        out[dtype_name] = {}
-        for impl in IMPLS:
-            median = statistics.median(times[impl])
-            tokens_per_s = tokens / median
-            out[dtype_name][impl] = {
-                "tokens_per_s": tokens_per_s, "step_ms_median": median * 1e3, "step_ms_min": min(times[impl]) * 1e3,
-                "step_ms_all": [round(t * 1e3, 1) for t in times[impl]],
-                "tflops": tokens_per_s * flops_per_token / 1e12,
-                "mfu": tokens_per_s * flops_per_token / peak, "mfu_against": peak_source}
+        out[dtype_name] = training_figures(times, tokens, flops_per_token, peaks.get(
+            dtype_name, (ceilings[dtype_name], "measured matmul ceiling")))
         print(f"  train {dtype_name}: etude {out[dtype_name]['etude']['tokens_per_s']:,.0f} tok/s, "
               f"transformers {out[dtype_name]['transformers']['tokens_per_s']:,.0f} tok/s", flush=True)
     if args.compile:
@@ -233,17 +240,11 @@ def measure_training(etude, hf, config, args, device, ceilings, peaks) -> dict:
             steps = train_steps(compiled["etude"], compiled["transformers"], batch, DTYPES[dtype_name], device)
             compile_s = {impl: timed(steps[impl], device) for impl in IMPLS}
             times = alternate(steps, args.steps, args.warmup, device)
-            peak, peak_source = peaks.get(dtype_name, (ceilings[dtype_name], "measured matmul ceiling"))
             key = f"{dtype_name} compiled"
-            out[key] = {}
+            out[key] = training_figures(times, tokens, flops_per_token, peaks.get(
+                dtype_name, (ceilings[dtype_name], "measured matmul ceiling")))
             for impl in IMPLS:
-                median = statistics.median(times[impl])
-                tokens_per_s = tokens / median
-                out[key][impl] = {
-                    "tokens_per_s": tokens_per_s, "step_ms_median": median * 1e3, "step_ms_min": min(times[impl]) * 1e3,
-                    "step_ms_all": [round(t * 1e3, 1) for t in times[impl]], "first_step_s": compile_s[impl],
-                    "tflops": tokens_per_s * flops_per_token / 1e12,
-                    "mfu": tokens_per_s * flops_per_token / peak, "mfu_against": peak_source}
+                out[key][impl]["first_step_s"] = compile_s[impl]
             print(f"  train {key}: etude {out[key]['etude']['tokens_per_s']:,.0f} tok/s "
                   f"(first step {compile_s['etude']:.0f} s), transformers {out[key]['transformers']['tokens_per_s']:,.0f} "
                   f"tok/s (first step {compile_s['transformers']:.0f} s)", flush=True)

@@ -54,7 +54,6 @@ def read_jsonl(path: Path | str, skip_bad_lines: bool = False, validate=None,
                                 "`python tool/prepare_data.py` or pass --data PATH.")
     report = report if report is not None else {}
     report.setdefault("skipped", 0)
-    report.setdefault("first_skipped", [])
     with open(path, "rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -71,11 +70,16 @@ def read_jsonl(path: Path | str, skip_bad_lines: bool = False, validate=None,
                 if not skip_bad_lines:
                     raise DataError(message + ". Fix the line, or pass --skip-bad-lines to skip "
                                               "bad lines (they are counted and reported).")
-                report["skipped"] += 1
-                if len(report["first_skipped"]) < 5:
-                    report["first_skipped"].append(message)
+                _count_skipped(report, message)
                 continue
             yield lineno, obj
+
+
+def _count_skipped(report: dict, message: str) -> None:
+    """Record a bad line that --skip-bad-lines skipped: the count and the first five messages."""
+    report["skipped"] = report.get("skipped", 0) + 1
+    if len(report.setdefault("first_skipped", [])) < 5:
+        report["first_skipped"].append(message)
 
 
 def _skipped_note(report: dict) -> str:
@@ -115,9 +119,7 @@ def iter_documents(path: Path | str, skip_bad_lines: bool = False,
                     if not skip_bad_lines:
                         raise DataError(message + ". Convert the file to UTF-8, or pass --skip-bad-lines to skip "
                                                   "such lines (they are counted and reported).") from None
-                    report["skipped"] = report.get("skipped", 0) + 1
-                    if len(report.setdefault("first_skipped", [])) < 5:
-                        report["first_skipped"].append(message)
+                    _count_skipped(report, message)
                     continue
                 if line.strip():
                     block.append(line)

@@ -556,7 +556,10 @@ class Trainer:
             state = read_json(found / STATE_FILE, "trainer state")
         except ValueError as exc:
             raise ValueError(f"{exc}. Start over with --no-resume.") from None
-        saved_shape = state.get("model_config") if isinstance(state, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"{found / STATE_FILE} has no step count; the checkpoint is damaged. "
+                             "Start over with --no-resume.")
+        saved_shape = state.get("model_config")
         changed = ""
         if isinstance(saved_shape, dict):
             now = self.model.config.to_dict()
@@ -566,29 +569,28 @@ class Trainer:
         if isinstance(saved_shape, dict) and changed:
             raise ValueError(f"the checkpoint in {found} is of another model ({changed}); resume with the "
                              "--preset/--model-config it was made with, or pass --no-resume to start over")
-        sharded = isinstance(state, dict) and state.get("format") == FSDP_FORMAT
+        sharded = state.get("format") == FSDP_FORMAT
         if sharded != self.fsdp:
             written, needs = ("an FSDP run", "add --fsdp (under torchrun, any number of ranks)") if sharded else (
                 "a run without FSDP", "drop --fsdp")
             raise ValueError(f"the checkpoint in {found} was written by {written}; to resume it, {needs}, "
                              "or pass --no-resume to start over")
-        saved_tokenizer = state.get("tokenizer") if isinstance(state, dict) else None
+        saved_tokenizer = state.get("tokenizer")
         if saved_tokenizer and self.tokenizer_fingerprint and saved_tokenizer != self.tokenizer_fingerprint:
             where = "put the one it started with back into that folder" if self.cfg.init_from else \
                 "pass the one it started with as --tokenizer-dir"
             raise ValueError(f"the checkpoint in {found} was trained with another tokenizer than the one in "
                              f"{self.cfg.tokenizer_dir} (other tokens or merges); {where}, or pass --no-resume "
                              "to start over")
-        saved_run = state.get("train_config") if isinstance(state, dict) else None
+        saved_run = state.get("train_config")
         saved_optimizer = saved_run.get("optimizer", "adamw") if isinstance(saved_run, dict) else self.cfg.optimizer
-        if saved_optimizer != self.cfg.optimizer:
+        if saved_optimizer != self.cfg.optimizer:  # so saved_run is the run's settings
             # Name the run's whole recipe: a preset whose default changed since would otherwise
             # continue the old optimizer at the new learning rate and schedule.
-            recipe = [f"--optimizer {saved_optimizer}"]
-            for key in ("lr", "muon_lr", "schedule", "warmup_steps", "min_lr_ratio", "cooldown_frac"):
-                if isinstance(saved_run, dict) and key in saved_run and (key != "muon_lr" or saved_optimizer == "muon") \
-                        and (key != "cooldown_frac" or saved_run.get("schedule") == "wsd"):
-                    recipe.append(f"--{key.replace('_', '-')} {saved_run[key]}")
+            keys = ["lr", *(["muon_lr"] if saved_optimizer == "muon" else []), "schedule", "warmup_steps",
+                    "min_lr_ratio", *(["cooldown_frac"] if saved_run.get("schedule") == "wsd" else [])]
+            recipe = [f"--optimizer {saved_optimizer}"] + [f"--{k.replace('_', '-')} {saved_run[k]}"
+                                                          for k in keys if k in saved_run]
             raise ValueError(f"the checkpoint in {found} was trained with another optimizer; resume with its "
                              f"recipe ({' '.join(recipe)}), or pass --no-resume to start over")
         if sharded:
