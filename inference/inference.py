@@ -31,7 +31,8 @@ import torch
 from config import PRETRAINED_DIR, SFT_DIR
 from model.checkpoint import load_model_folder
 from model.lora import load_adapter, merge_and_unload, resolve_adapter
-from model.model import EtudeModel, quantize_int8
+from model.decoding import merge_projections, quantize_int8
+from model.model import EtudeModel
 from model.tokenizer import EtudeTokenizer, load_tokenizer, not_text, validate_messages
 
 COMMANDS = "/reset forgets the conversation, /system TEXT sets the system prompt, /quit leaves"
@@ -200,7 +201,7 @@ def build_chat(args: argparse.Namespace) -> Chat:
             merge_and_unload(model)  # int8 holds plain weights: fold the adapter in first
         model = quantize_int8(model)
     else:
-        model = model.to(device=device, dtype=inference_dtype(device, args.dtype))
+        model = merge_projections(model.to(device=device, dtype=inference_dtype(device, args.dtype)))
     return Chat(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                 seed=args.seed)

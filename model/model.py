@@ -17,7 +17,6 @@ With use_moe every block's feed-forward is a SparseMoE (MoERouter + routed SwiGL
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator, Sequence
 
@@ -26,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import EtudeConfig
+from model.attention import causal_attention
 
 IGNORE_INDEX = -100
 
@@ -122,24 +122,37 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.dropout = config.dropout
+        # Decoding copies (model/decoding.py merge_projections) replace q/k/v by one layer.
+        self.qkv_proj: nn.Linear | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_idx: int,
                 kv_cache: KVCache | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.qkv_proj is not None:
+            # One matmul for q, k and v, and one rotary pass over the q and k heads together.
+            heads = self.n_heads + self.n_kv_heads
+            qk, v = self.qkv_proj(x).split([heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+            qk = apply_rotary(qk.view(batch, length, heads, self.head_dim).transpose(1, 2), cos, sin)
+            q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)
+        else:
+            q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+            k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            v = self.v_proj(x)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.append(layer_idx, k, v)
         # A causal mask is only right when queries and keys start at the same position; with
         # earlier positions cached the caller passes an explicit mask (or none for one query).
         is_causal = attn_mask is None and k.shape[2] == length and length > 1
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        dropout = self.dropout if self.training else 0.0
+        if is_causal and dropout == 0.0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
+            # torch's CPU flash kernel is 2-3x slower than this blocked one (model/attention.py);
+            # a compiled graph keeps SDPA, which Inductor lowers as a whole.
+            out = causal_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout,
+                                                 enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -151,9 +164,15 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        # Decoding copies (model/decoding.py merge_projections) replace gate/up by one layer.
+        self.gate_up_proj: nn.Linear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoERouter(nn.Module):
@@ -355,55 +374,6 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
-class Int8Linear(nn.Module):
-    """Weight-only int8 stand-in for a bias-free nn.Linear, for decoding on CPU. Each output row
-    is stored as int8 with one bf16 scale (symmetric: the row's largest |weight| maps to 127);
-    the input goes in as bf16 and the result comes back in the input's dtype.
-
-    Why: at batch 1 a decoding step reads every weight once and does little else with it, so its
-    cost is the bytes read. PyTorch's CPU kernel for this layout (_weight_int8pack_mm) ran a
-    1 x 512 @ 512 x 1408 product in 44 us against 92 us in fp32 and 115 us in bf16 here."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        if linear.bias is not None:
-            raise ValueError("Int8Linear replaces bias-free layers only (Etude has no biases)")
-        weight = linear.weight.detach().float()
-        # The scale is rounded to bf16 before quantizing, so the int8 values are chosen against
-        # the scale the kernel will really multiply by.
-        scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
-        quantized = torch.round(weight / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
-        self.register_buffer("weight_int8", quantized)
-        self.register_buffer("scale", scale)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale)
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-
-def quantize_int8(model: "EtudeModel") -> "EtudeModel":
-    """A copy of `model` for decoding on CPU whose every linear layer (the output layer too; a
-    tied one gets its own int8 copy, the embedding table stays as it is) holds int8 weights with
-    per-row scales: a quarter of the fp32 bytes that batch-1 decoding has to read. The copy is
-    for generate()/forward without gradients; it is neither trainable nor saveable (merge LoRA
-    adapters before quantizing). Greedy continuations can differ from the fp32 model's after a
-    while: the logits move by about the int8 rounding (~0.5% of a row's scale)."""
-    device = model.embed_tokens.weight.device
-    if device.type != "cpu":
-        raise ValueError(f"weight-only int8 decoding runs on the CPU; the model is on {device}. "
-                         "On a GPU decode in bf16 instead (model.to(torch.bfloat16))")
-    quantized = copy.deepcopy(model).eval()
-    for module in list(quantized.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, Int8Linear(child))
-    for param in quantized.parameters():
-        param.requires_grad_(False)
-    return quantized
-
-
 class EtudeModel(nn.Module):
     """Decoder-only language model. forward(input_ids, labels=None, kv_cache=None)
     returns (logits, loss, aux_loss); loss is None without labels, aux_loss is a zero
@@ -421,6 +391,8 @@ class EtudeModel(nn.Module):
         self.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # True in the copies model/decoding.py makes (merged or int8 weights): never saved.
+        self.decoding_copy = False
 
     def reset_parameters(self) -> None:
         """Normal(0, initializer_range) for every matrix; the projections that write into the
@@ -570,6 +542,9 @@ class EtudeModel(nn.Module):
     def state_dict_for_save(self) -> dict[str, torch.Tensor]:
         """The weights as saved on disk: contiguous, one copy of a tied matrix (under its
         embedding name, as Hugging Face does)."""
+        if self.decoding_copy:
+            raise ValueError("this is a decoding copy (merged projections / int8 weights, model/decoding.py): "
+                             "save the model it was made from instead")
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
             state.pop("lm_head.weight", None)

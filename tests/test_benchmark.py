@@ -64,14 +64,15 @@ def test_int8_decoding_copy_tracks_the_model_and_is_reported(tmp_path):
     import torch
 
     from config import EtudeConfig
-    from model.model import EtudeModel, Int8Linear, quantize_int8
+    from model.decoding import Int8Linear, quantize_int8
+    from model.model import EtudeModel
 
     torch.manual_seed(0)
     model = EtudeModel(EtudeConfig(vocab_size=256, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                    max_seq_len=64)).eval()
     quantized = quantize_int8(model)
     linears = [m for m in quantized.modules() if isinstance(m, Int8Linear)]
-    assert len(linears) == 2 * 7 + 1  # q k v o gate up down per layer, and the (tied) output layer
+    assert len(linears) == 2 * 4 + 1  # qkv o gate_up down per layer (merged), and the (tied) output layer
     assert model.lm_head.weight is model.embed_tokens.weight  # the original is untouched
     ids = torch.randint(0, 256, (1, 20))
     with torch.no_grad():

@@ -195,7 +195,7 @@ def test_stream_decoder_holds_back_partial_characters(tiny_tokenizer_dir):
 
 
 def test_int8_chat_answers_and_refuses_what_it_cannot_do(toy, capsys):
-    """--int8 decodes through the int8 copy (model/model.py quantize_int8): on the toy model the
+    """--int8 decodes through the int8 copy (model/decoding.py quantize_int8): on the toy model the
     trained answers survive the rounding; a dtype beside it is refused."""
     model = str(toy["folder"] / "sft")
     for question, answer in QA[:3]:

@@ -21,7 +21,7 @@ Measured, and printed as one table:
   - tokenizer encode MB/s and token-cache build MB/s (train/data.py build_token_cache on a
     temporary copy of --data), when a tokenizer exists.
 The headline is the ratio Etude / transformers. On CPU, Etude's weight-only int8 decoding
-(model/model.py quantize_int8) is timed too, with the first dtype. The JSON (--json) holds every
+(model/decoding.py quantize_int8) is timed too, with the first dtype. The JSON (--json) holds every
 figure; its top level has train_speedup_bf16, train_speedup_fp32 and decode_speedup: Etude's
 fastest decoding mode over transformers' fastest (decode_speedup_fp32 / _bf16: same dtype).
 With --compile, training is also timed with both models under torch.compile (rows "<dtype>
@@ -54,7 +54,8 @@ import torch
 
 from config import PRESETS, PRETRAIN_DATA, TOKENIZER_DIR, ConfigError, EtudeConfig, TrainConfig
 from model.hf_llama import config_to_hf, state_to_hf
-from model.model import EtudeModel, KVCache, quantize_int8
+from model.decoding import merge_projections, quantize_int8
+from model.model import EtudeModel, KVCache
 
 SHAPES: dict[str, dict] = {
     "issue": {"model": dict(vocab_size=6400, hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=8,
@@ -260,7 +261,7 @@ def measure_decoding(etude, hf, config, args, device, bandwidth) -> tuple[dict, 
     quantized = quantize_int8(etude) if device.type == "cpu" and args.int8 else None
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
-        ours = copy.deepcopy(etude).to(dtype).eval()
+        ours = merge_projections(etude).to(dtype)  # the copy inference/inference.py decodes with
         theirs = copy.deepcopy(hf).to(dtype).eval()
         generated: dict[str, list[int]] = {}
 
@@ -284,7 +285,7 @@ def measure_decoding(etude, hf, config, args, device, bandwidth) -> tuple[dict, 
 
         runs = {"etude": etude_decode, "transformers": hf_decode}
         if quantized is not None and dtype_name == args.dtypes[0]:
-            # Etude's weight-only int8 decoding (model/model.py quantize_int8), in the same
+            # Etude's weight-only int8 decoding (model/decoding.py quantize_int8), in the same
             # alternation; transformers has no built-in counterpart on CPU, so the headline
             # compares it with transformers' fastest dtype.
             def int8_decode():
