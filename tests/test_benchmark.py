@@ -41,6 +41,22 @@ def test_quick_toy_run_writes_every_figure(tmp_path, tiny_tokenizer_dir, tiny_te
     assert "train fp32" in capsys.readouterr().out
 
 
+def test_training_timed_in_a_fresh_process_per_dtype(tmp_path):
+    """The default outside --quick: each dtype's training rows come from a spawned process
+    that builds the same weights; attention is timed against SDPA on the CPU."""
+    out = tmp_path / "bench.json"
+    code = benchmark_main(["--shape", "toy", "--quick", "--train-process", "fresh", "--dtypes", "fp32,bf16",
+                           "--steps", "1", "--warmup", "0", "--new-tokens", "2", "--prefill-len", "8",
+                           "--no-int8", "--json", str(out), "--tokenizer", str(tmp_path / "none")])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["train_process"] == "fresh"
+    for dtype in ("fp32", "bf16"):
+        assert report["train"][dtype]["etude"]["tokens_per_s"] > 0
+        assert report["attention"][dtype]["etude"]["ms"] > 0 and report["attention"][dtype]["transformers"]["ms"] > 0
+    assert report["train_speedup_bf16"] > 0 and report["train_speedup_fp32"] > 0
+
+
 def test_no_tokenizer_skips_text_figures_with_the_reason(tmp_path):
     out = tmp_path / "bench.json"
     code = benchmark_main(["--shape", "toy", "--quick", "--dtypes", "fp32", "--steps", "1", "--warmup", "0",

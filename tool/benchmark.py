@@ -15,9 +15,13 @@ Measured, and printed as one table:
     matmul ceiling measured here at the model's own matmul shapes (on a known GPU in bf16: the
     datasheet peak);
   - decoding at batch 1: a 32-token prompt, 256 new tokens, greedy, native EtudeModel.generate
+    (on the copy inference/inference.py decodes with: model/decoding.py merge_projections)
     against transformers' generate, fp32 and bf16 weights each; beside each figure the
     weight-bandwidth floor: weight bytes read per token / measured copy bandwidth;
   - prefill at batch 1 (one forward over --prefill-len tokens into an empty cache), tokens/s;
+  - causal attention alone (forward + backward at the training shape, CPU): Etude's blocked kernel
+    (model/attention.py) against torch's SDPA, which transformers runs — so a CPU unlike the one
+    this was tuned on shows whether the kernel still pays there;
   - tokenizer encode MB/s and token-cache build MB/s (train/data.py build_token_cache on a
     temporary copy of --data), when a tokenizer exists.
 The headline is the ratio Etude / transformers. On CPU, Etude's weight-only int8 decoding
@@ -220,35 +224,62 @@ def training_figures(times: dict[str, list[float]], tokens: int, flops_per_token
 
 
 def measure_training(etude, hf, config, args, device, ceilings, peaks) -> dict:
+    """Training figures per dtype (and compiled, with --compile). Unless --train-process same,
+    each dtype is timed in a fresh process: how fast an eager CPU step runs depends on what the
+    process allocated before (glibc hands large freed blocks back to the system, and a step then
+    page-faults them in again: ~166,000 faults per bf16 transformers step in a process that ran
+    only bf16 steps, ~77,000 after fp32 steps had grown the heap, 2.67 s against 2.21 s), and a
+    real training run is a process that runs one dtype."""
+    out = {}
+    for dtype_name in args.dtypes:
+        peak = peaks.get(dtype_name, (ceilings[dtype_name], "measured matmul ceiling"))
+        if args.train_process == "fresh":
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                figures = pool.submit(_train_in_fresh_process, config.to_dict(), args, dtype_name, peak).result()
+        else:
+            figures = train_one_dtype(etude, hf, config, args, device, dtype_name, peak)
+        out.update(figures)
+    return out
+
+
+def _train_in_fresh_process(config_dict: dict, args: argparse.Namespace, dtype_name: str, peak) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config, device = EtudeConfig(**config_dict), torch.device(args.device)
+    etude, hf = build_models(config, device, args.seed)  # the same seed, so the same weights
+    return train_one_dtype(etude, hf, config, args, device, dtype_name, peak)
+
+
+def train_one_dtype(etude, hf, config, args, device, dtype_name: str, peak) -> dict:
+    """Rows `<dtype>` (eager) and, with --compile, `<dtype> compiled` of the training table."""
     generator = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator).to(device)
     tokens = args.batch_size * args.seq_len
     flops_per_token = etude.flops_per_token(args.seq_len)
     out = {}
-    for dtype_name in args.dtypes:
-        steps = train_steps(etude, hf, batch, DTYPES[dtype_name], device)
-        times = alternate(steps, args.steps, args.warmup, device)
-        out[dtype_name] = training_figures(times, tokens, flops_per_token, peaks.get(
-            dtype_name, (ceilings[dtype_name], "measured matmul ceiling")))
-        print(f"  train {dtype_name}: etude {out[dtype_name]['etude']['tokens_per_s']:,.0f} tok/s, "
-              f"transformers {out[dtype_name]['transformers']['tokens_per_s']:,.0f} tok/s", flush=True)
+    steps = train_steps(etude, hf, batch, DTYPES[dtype_name], device)
+    times = alternate(steps, args.steps, args.warmup, device)
+    out[dtype_name] = training_figures(times, tokens, flops_per_token, peak)
+    print(f"  train {dtype_name}: etude {out[dtype_name]['etude']['tokens_per_s']:,.0f} tok/s, "
+          f"transformers {out[dtype_name]['transformers']['tokens_per_s']:,.0f} tok/s", flush=True)
     if args.compile:
         # Both models through torch.compile (default mode, as train/trainer.py --compile does),
         # alternating with each other; the first call of each (tracing + code generation) is
         # timed apart as the compile cost. The compiled modules share the eager ones' weights.
         compiled = {"etude": torch.compile(etude), "transformers": torch.compile(hf)}
-        for dtype_name in args.dtypes:
-            steps = train_steps(compiled["etude"], compiled["transformers"], batch, DTYPES[dtype_name], device)
-            compile_s = {impl: timed(steps[impl], device) for impl in IMPLS}
-            times = alternate(steps, args.steps, args.warmup, device)
-            key = f"{dtype_name} compiled"
-            out[key] = training_figures(times, tokens, flops_per_token, peaks.get(
-                dtype_name, (ceilings[dtype_name], "measured matmul ceiling")))
-            for impl in IMPLS:
-                out[key][impl]["first_step_s"] = compile_s[impl]
-            print(f"  train {key}: etude {out[key]['etude']['tokens_per_s']:,.0f} tok/s "
-                  f"(first step {compile_s['etude']:.0f} s), transformers {out[key]['transformers']['tokens_per_s']:,.0f} "
-                  f"tok/s (first step {compile_s['transformers']:.0f} s)", flush=True)
+        steps = train_steps(compiled["etude"], compiled["transformers"], batch, DTYPES[dtype_name], device)
+        compile_s = {impl: timed(steps[impl], device) for impl in IMPLS}
+        times = alternate(steps, args.steps, args.warmup, device)
+        key = f"{dtype_name} compiled"
+        out[key] = training_figures(times, tokens, flops_per_token, peak)
+        for impl in IMPLS:
+            out[key][impl]["first_step_s"] = compile_s[impl]
+        print(f"  train {key}: etude {out[key]['etude']['tokens_per_s']:,.0f} tok/s "
+              f"(first step {compile_s['etude']:.0f} s), transformers {out[key]['transformers']['tokens_per_s']:,.0f} "
+              f"tok/s (first step {compile_s['transformers']:.0f} s)", flush=True)
     return out
 
 
@@ -314,6 +345,41 @@ def measure_decoding(etude, hf, config, args, device, bandwidth) -> tuple[dict, 
     if quantized is not None:
         decode["int8"] = int8_entry
     return decode, prefill, outputs
+
+
+def measure_attention(config: EtudeConfig, args, device: torch.device) -> dict:
+    """Forward + backward of causal attention alone at the training shape: Etude's blocked CPU
+    kernel (model/attention.py) against torch's SDPA (what transformers runs), per dtype, ms
+    of the median. On CUDA Etude runs SDPA itself, so there is nothing to compare."""
+    if device.type != "cpu":
+        return {"skipped": "Etude uses torch's SDPA on this device"}
+    import torch.nn.functional as F
+
+    from model.attention import causal_attention
+
+    generator = torch.Generator().manual_seed(args.seed + 3)
+    shape = (args.batch_size, config.n_heads, args.seq_len, config.head_dim)
+    kv_shape = (args.batch_size, config.n_kv_heads, args.seq_len, config.head_dim)
+    out = {}
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        q, k, v = (torch.randn(s, generator=generator).to(dtype).requires_grad_() for s in (shape, kv_shape, kv_shape))
+        grad = torch.randn(shape, generator=generator).to(dtype)
+
+        def run(attend):
+            def step():
+                attend(q, k, v).backward(grad)
+                q.grad = k.grad = v.grad = None
+            return step
+
+        def sdpa(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+        times = alternate({"etude": run(causal_attention), "transformers": run(sdpa)}, args.steps, 1, device)
+        out[dtype_name] = {impl: {"ms": statistics.median(times[impl]) * 1e3} for impl in IMPLS}
+        print(f"  attention {dtype_name}: etude {out[dtype_name]['etude']['ms']:.1f} ms, "
+              f"SDPA {out[dtype_name]['transformers']['ms']:.1f} ms (forward + backward)", flush=True)
+    return out
 
 
 def measure_text(args) -> dict:
@@ -387,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", action="store_true",
         help="also time training with both models under torch.compile (rows '<dtype> compiled'; "
              "each compile takes tens of seconds on CPU)")
+    add("--train-process", choices=("fresh", "same"), default=None,
+        help="time each training dtype in a fresh process, as a real run is (default), or in this one "
+             "(default with --quick)")
     add("--quick", action="store_true", help="few steps and tokens: a smoke test, not a measurement")
     add("--json", default=str(Path(tempfile.gettempdir()) / "etude_benchmark.json"),
         help="where to write every figure as JSON (default <tmp>/etude_benchmark.json)")
@@ -401,6 +470,7 @@ def resolve(args: argparse.Namespace) -> EtudeConfig:
                               ("text_mb", 4.0, 0.2)):
         if getattr(args, name) is None:
             setattr(args, name, short if quick else full)
+    args.train_process = args.train_process or ("same" if quick else "fresh")
     args.batch_size = args.batch_size or shape["batch_size"]
     args.seq_len = args.seq_len or shape["seq_len"]
     args.prefill_len = args.prefill_len or args.seq_len
@@ -453,6 +523,11 @@ def print_table(report: dict) -> None:
                 extra = f"floor {etude['floor_ms_per_token']:.1f} ms/tok = {etude['floor_tokens_per_s']:,.0f} tok/s"
             rows.append((f"{what} {dtype}", f"{etude['tokens_per_s']:,.1f}", f"{hf['tokens_per_s']:,.1f}" if hf else "-",
                          f"{etude['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-", extra))
+    for dtype, pair in report["attention"].items():
+        if isinstance(pair, dict):  # ms, so the ratio is theirs over ours
+            ours, sdpa = pair["etude"]["ms"], pair["transformers"]["ms"]
+            rows.append((f"attention {dtype} (ms)", f"{ours:.1f}", f"{sdpa:.1f}", f"{sdpa / ours:.2f}x",
+                         "forward + backward; transformers = torch SDPA"))
     header = ("tokens/s", "etude", "transformers", "ratio", "")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
     for row in [header] + rows:
@@ -501,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train = measure_training(etude, hf, config, args, device, ceilings, peaks)
     decode, prefill, outputs = measure_decoding(etude, hf, config, args, device, bandwidth)
+    attention = measure_attention(config, args, device)
     text = measure_text(args)
     same_tokens = {d: sum(a == b for a, b in zip(*o.values())) / max(len(o["etude"]), 1)
                    for d, o in outputs.items()}
@@ -520,10 +596,10 @@ def main(argv: list[str] | None = None) -> int:
         "prefill_len": args.prefill_len, "threads": torch.get_num_threads(), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "transformers": transformers.__version__, "quick": args.quick,
-        "steps": args.steps, "warmup": args.warmup, "decode_repeats": args.decode_repeats,
+        "steps": args.steps, "warmup": args.warmup, "train_process": args.train_process, "decode_repeats": args.decode_repeats,
         "matmul_ceiling_flops": ceilings, "copy_bandwidth_bytes_per_s": bandwidth,
         "logits_max_abs_diff": difference, "greedy_tokens_agree": same_tokens,
-        "train": train, "decode": decode, "prefill": prefill, "text": text,
+        "train": train, "decode": decode, "prefill": prefill, "attention": attention, "text": text,
     }
     print_table(report)
     if args.compile:
