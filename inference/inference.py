@@ -4,7 +4,7 @@
     python inference/inference.py --prompt "Hello!"        # one answer, then exit
     python inference/inference.py --input q.jsonl --output a.jsonl --batch-size 16
     python inference/inference.py --lora identity          # with the LoRA adapter weight/lora/identity/
-    python inference/inference.py --int8                   # CPU: int8 weights, ~2x faster decoding
+    python inference/inference.py --int8                   # CPU: int8 weights, 2-3x faster decoding
 
 Loads weight/etude_sft_model/ by default (falling back to the pretrained model, with a note);
 any model folder works with --model. Interactive commands: /reset (forget the conversation),
@@ -175,8 +175,10 @@ def pick_inference_device(name: str) -> torch.device:
 
 
 def inference_dtype(device: torch.device, name: str) -> torch.dtype:
-    """Decoding reads every weight per token: on CUDA bf16 halves that; on CPU single-row bf16
-    matmuls were measured slower than fp32, so the CPU default stays fp32."""
+    """Decoding reads every weight per token: on CUDA bf16 halves that. On CPU it depends on the
+    chip: single-row bf16 matmuls were measured slower than fp32 on an Intel AMX machine, while
+    an AMD Zen 5 one decoded bf16 twice as fast (tool/PERFORMANCE.md, round 4), so the CPU default
+    stays fp32 (exact, the same everywhere) and --dtype bf16 or --int8 are the faster choices."""
     if name != "auto":
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -320,10 +322,10 @@ def build_parser(description: str = __doc__,
     add("--seed", type=int, help="seed for sampling, for reproducible answers")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     add("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-        help="auto: bf16 on CUDA, fp32 on CPU (faster there for one-row decoding)")
+        help="auto: bf16 on CUDA, fp32 on CPU (bf16 or --int8 decode faster on many CPUs; see README Performance)")
     if native:
         add("--int8", action="store_true",
-            help="CPU only: decode with int8 weights (one scale per row), about twice as fast as fp32 at "
+            help="CPU only: decode with int8 weights (one scale per row), two to three times as fast as fp32 at "
                  "batch 1; answers can drift from fp32's after a few dozen tokens")
     return parser
 

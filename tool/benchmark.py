@@ -330,6 +330,9 @@ def measure_decoding(etude, hf, config, args, device, bandwidth) -> tuple[dict, 
                                         "ms_per_token": statistics.median(times["int8"]) / new * 1e3,
                                         "floor_ms_per_token": int8_bytes / bandwidth * 1e3,
                                         "floor_tokens_per_s": bandwidth / int8_bytes}}
+            with torch.inference_mode():  # how far int8 moves the logits, relative to their size
+                exact, rounded = etude(prompt[None])[0], quantized(prompt[None])[0]
+            int8_entry["etude"]["max_logit_error_relative"] = float((rounded - exact).abs().max() / exact.abs().max())
             outputs["int8"] = {"etude": generated.pop("int8"), f"{dtype_name} etude": list(generated["etude"])}
         floor_s = weight_bytes_per_token(etude, dtype) / bandwidth
         decode[dtype_name] = {impl: {"tokens_per_s": new / statistics.median(times[impl]),
@@ -608,7 +611,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{report[f'train_speedup_{d}_compiled_vs_eager']:.2f}x transformers eager" for d in args.dtypes))
     print(f"headline: training {report['train_speedup_fp32'] or 0:.2f}x (fp32), {report['train_speedup_bf16'] or 0:.2f}x "
           f"(bf16); decoding {report['decode_speedup']:.2f}x (fastest against fastest); share of greedy tokens "
-          f"agreeing (int8: with fp32 Etude) {same_tokens}")
+          f"agreeing with transformers' (int8: with fp32 Etude's) {same_tokens}")
+    if "int8" in decode:
+        # Untrained weights give nearly flat logits, so one int8 rounding can flip the first
+        # greedy token and every token after it; the logit error says how large the rounding is.
+        print(f"int8 logits: max error {decode['int8']['etude']['max_logit_error_relative']:.2%} of the largest "
+              "logit (greedy agreement on untrained weights is fragile)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.json}")
