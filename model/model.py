@@ -1,7 +1,8 @@
 """The Etude decoder: a Llama-shaped transformer in one file.
 
 Pre-norm RMSNorm, rotary position embeddings in the Hugging Face `rotate_half` convention,
-multi-head / grouped-query attention through `scaled_dot_product_attention`, a SwiGLU
+multi-head / grouped-query attention through `scaled_dot_product_attention` (on the CPU, causal
+attention through the faster blocked kernel of model/attention.py), a SwiGLU
 feed-forward, no biases, optionally tied input/output embeddings. Parameter names are those of
 Hugging Face Llama (without its `model.` prefix), so exporting is a renaming at most.
 
