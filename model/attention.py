@@ -27,6 +27,8 @@ share a key/value head along the rows of one matmul, so keys and values are neve
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Query rows per block: 128 was the fastest of 64 / 128 / 256 at 256 and 512 positions.
@@ -66,14 +68,16 @@ class BlockCausalAttention(torch.autograd.Function):
         # The output is written in (B, T, H, D) memory and returned as a (B, H, T, D) view, so the
         # caller's transpose back to (B, T, H * D) for the output projection costs no copy.
         out = q.new_empty(batch, length, kv_heads, group, dim)
-        keep = any(ctx.needs_input_grad) and _probs_bytes(q, length) <= KEEP_PROBS_BYTES
+        tiles = _tiles(batch, heads, length)
+        kept_bytes = heads * q.element_size() * sum((last - first) * (end - start) * end
+                                                     for first, last, start, end in tiles)
+        keep = any(ctx.needs_input_grad) and kept_bytes <= KEEP_PROBS_BYTES
         kept = []
-        masks: dict[int, torch.Tensor] = {}
         # The inputs already are in the compute dtype; autocast must not move the softmax to fp32.
         with torch.autocast(q.device.type, enabled=False):
-            for first, last, start, end in _tiles(batch, heads, length):
+            for first, last, start, end in tiles:
                 q_tile = _query_tile(q, first, last, start, end)
-                probs = _probs(q_tile, k, first, last, start, end, scale, masks)
+                probs = _probs(q_tile, k, first, last, start, end, scale)
                 values = v[first:last, :, :end].reshape(-1, end, dim)
                 result = torch.bmm(probs, values).view(last - first, kv_heads, group, end - start, dim)
                 out[first:last, start:end] = result.permute(0, 3, 1, 2, 4)
@@ -87,38 +91,32 @@ class BlockCausalAttention(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, *kept = ctx.saved_tensors
         batch, kv_heads, group, length, dim = q.shape
-        scale = ctx.scale
         grad_out = grad_out.view(batch, kv_heads, group, length, dim)
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        masks: dict[int, torch.Tensor] = {}
-        for index, (first, last, start, end) in enumerate(_tiles(batch, kv_heads * group, length)):
-            rows = last - first
-            q_tile = _query_tile(q, first, last, start, end)
-            probs = kept[index] if kept else _probs(q_tile, k, first, last, start, end, scale, masks)
-            grad_tile = _query_tile(grad_out, first, last, start, end)
-            keys = k[first:last, :, :end].reshape(-1, end, dim)
-            values = v[first:last, :, :end].reshape(-1, end, dim)
-            grad_v[first:last, :, :end] += torch.bmm(probs.transpose(1, 2), grad_tile).view(rows, kv_heads, end, dim)
-            grad_probs = torch.bmm(grad_tile, values.transpose(1, 2))
-            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            grad_q[first:last, :, :, start:end] = torch.baddbmm(
-                grad_scores.new_empty(()), grad_scores, keys, beta=0, alpha=scale
-            ).view(rows, kv_heads, group, end - start, dim)
-            grad_k[first:last, :, :end] += torch.baddbmm(
-                grad_scores.new_empty(()), grad_scores.transpose(1, 2), q_tile, beta=0, alpha=scale
-            ).view(rows, kv_heads, end, dim)
+        tiles = _tiles(batch, kv_heads * group, length)  # the forward's, in the same order
+        # Autocast off as in the forward, so recomputed probabilities are the forward's bit for bit.
+        with torch.autocast(q.device.type, enabled=False):
+            for index, (first, last, start, end) in enumerate(tiles):
+                rows = last - first
+                q_tile = _query_tile(q, first, last, start, end)
+                probs = kept[index] if kept else _probs(q_tile, k, first, last, start, end, ctx.scale)
+                grad_tile = _query_tile(grad_out, first, last, start, end)
+                keys = k[first:last, :, :end].reshape(-1, end, dim)
+                values = v[first:last, :, :end].reshape(-1, end, dim)
+                grad_v[first:last, :, :end] += torch.bmm(probs.transpose(1, 2), grad_tile).view(
+                    rows, kv_heads, end, dim)
+                grad_probs = torch.bmm(grad_tile, values.transpose(1, 2))
+                grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+                grad_q[first:last, :, :, start:end] = torch.baddbmm(
+                    grad_scores.new_empty(()), grad_scores, keys, beta=0, alpha=ctx.scale
+                ).view(rows, kv_heads, group, end - start, dim)
+                grad_k[first:last, :, :end] += torch.baddbmm(
+                    grad_scores.new_empty(()), grad_scores.transpose(1, 2), q_tile, beta=0, alpha=ctx.scale
+                ).view(rows, kv_heads, end, dim)
         heads = kv_heads * group
         return (grad_q.view(batch, heads, length, dim), grad_k.to(k.dtype), grad_v.to(v.dtype), None)
-
-
-def _probs_bytes(q: torch.Tensor, length: int) -> int:
-    """Bytes of all tiles' probabilities for q (B, Hkv, G, T, D)."""
-    batch, kv_heads, group = q.shape[:3]
-    visible = sum(min(start + BLOCK_ROWS, length) * (min(start + BLOCK_ROWS, length) - start)
-                  for start in range(0, length, BLOCK_ROWS))
-    return batch * kv_heads * group * visible * q.element_size()
 
 
 def _query_tile(q: torch.Tensor, first: int, last: int, start: int, end: int) -> torch.Tensor:
@@ -128,16 +126,21 @@ def _query_tile(q: torch.Tensor, first: int, last: int, start: int, end: int) ->
     return q[first:last, :, :, start:end].reshape(rows * kv_heads, group * (end - start), dim)
 
 
+@functools.lru_cache(maxsize=16)
+def _above_diagonal(n: int, device: torch.device) -> torch.Tensor:
+    """(n, n) bool, True where a key comes after its query (read only)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+
+
 def _probs(q_tile: torch.Tensor, k: torch.Tensor, first: int, last: int, start: int, end: int,
-           scale: float, masks: dict[int, torch.Tensor]) -> torch.Tensor:
+           scale: float) -> torch.Tensor:
     """Softmax probabilities of one tile, (rows * Hkv, G * n, end), in q's dtype."""
     keys = k[first:last, :, :end].reshape(-1, end, k.shape[-1])
     scores = torch.baddbmm(q_tile.new_empty(()), q_tile, keys.transpose(1, 2), beta=0, alpha=scale)
     n = end - start
-    if n not in masks:
-        masks[n] = torch.ones(n, n, dtype=torch.bool, device=q_tile.device).triu_(1)
     # Only the block's own square has keys after some of its queries.
-    scores.view(scores.shape[0], -1, n, end)[..., start:end].masked_fill_(masks[n], float("-inf"))
+    own_square = scores.view(scores.shape[0], -1, n, end)[..., start:end]
+    own_square.masked_fill_(_above_diagonal(n, q_tile.device), float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 

@@ -43,12 +43,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:
@@ -234,9 +236,6 @@ def measure_training(etude, hf, config, args, device, ceilings, peaks) -> dict:
     for dtype_name in args.dtypes:
         peak = peaks.get(dtype_name, (ceilings[dtype_name], "measured matmul ceiling"))
         if args.train_process == "fresh":
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 figures = pool.submit(_train_in_fresh_process, config.to_dict(), args, dtype_name, peak).result()
         else:
