@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -33,6 +31,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import ROOT, TOKENIZER_DIR
+from tool.measure import own_peak_mb, run_measured
 
 WORDS = ("the of and a to in is was for on that with as by at from his an were are which this be also has had "
          "first one their its new after who they two her she been other when there all during into school time "
@@ -163,38 +162,11 @@ def generate(path: Path, target: int, kind: str) -> None:
     tmp.replace(path)
 
 
-def status_kb(pid: int | str, field: str) -> int:
-    """A memory field (VmRSS, VmHWM) of /proc/<pid>/status in kB; 0 once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def measure(name: str, command: list[str], input_bytes: int, log: Path) -> dict:
-    """Run one tool; its wall time and peak resident memory, two ways: ru_maxrss of that child
-    (os.wait4), which on Linux also counts what the child inherited at fork from this process (so
-    it can only overstate), and VmHWM polled from /proc every 50 ms (can miss only a final spike)."""
+    """Run one tool; its wall time and peak resident memory (tool/measure.py says how)."""
     print(f"running {name}: {' '.join(command[1:])}", flush=True)
-    start = time.perf_counter()
-    polled = 0
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
-            polled = max(polled, status_kb(process.pid, "VmHWM"))
-            time.sleep(0.05)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - start
-    return {"name": name, "rc": process.returncode, "mb": input_bytes / 1e6, "seconds": seconds,
-            "mb_per_s": input_bytes / 1e6 / seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "polled_hwm_mb": polled / 1024, "log": str(log)}
+    result = run_measured(command, log, cwd=ROOT)
+    return {"name": name, "mb": input_bytes / 1e6, "mb_per_s": input_bytes / 1e6 / result["seconds"], **result}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                                out / f"run{index}.log"))
         print(Path(results[-1]["log"]).read_text(), flush=True)
 
-    print(f"\nthis process: {status_kb('self', 'VmHWM') / 1024:.0f} MB at its peak (the floor of ru_maxrss below)")
+    print(f"\nthis process: {own_peak_mb():.0f} MB at its peak (the floor of ru_maxrss below)")
     print(f"{'tool':<66} {'MB':>6} {'s':>6} {'MB/s':>6} {'peak RSS MB':>11} {'VmHWM MB':>9}")
     failed = False
     for r in results:
