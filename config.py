@@ -157,6 +157,10 @@ class EtudeConfig:
         return cls(**data)
 
 
+# Where the scalars of metrics.jsonl may also go (train/tracking.py).
+TRACKERS = ("none", "tensorboard", "wandb")
+
+
 # Run settings. Values that are None are derived at start (e.g. eval batch size).
 @dataclass
 class TrainConfig:
@@ -208,6 +212,8 @@ class TrainConfig:
     # A step whose loss or gradient is NaN/inf is never applied: "skip" counts it and goes on
     # (10 in a row stop the run), "stop" ends the run at once; the last checkpoint is kept.
     on_nan: str = "skip"
+    # Experiment tracking beside metrics.jsonl (train/tracking.py): none, tensorboard or wandb.
+    tracker: str = "none"
     sample_prompt: str = "The "
 
     def __post_init__(self) -> None:
@@ -259,6 +265,8 @@ class TrainConfig:
             out.append(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         if self.on_nan not in ("skip", "stop"):
             out.append(f"on_nan must be skip or stop, got {self.on_nan!r}")
+        if self.tracker not in TRACKERS:
+            out.append(f"tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
         return out
 
     def to_dict(self) -> dict[str, Any]:

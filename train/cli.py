@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from config import PRESETS, STAGE_DEFAULTS, ConfigError, TrainConfig, resolve_train_config
+from config import PRESETS, STAGE_DEFAULTS, TRACKERS, ConfigError, TrainConfig, resolve_train_config
+from train.tracking import check_tracker
 
 
 def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
@@ -75,6 +76,9 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
         help="a step with a NaN/inf loss or gradient is never applied; skip: count it and go on (10 in a "
              "row stop the run), stop: end the run at once with exit status 2; either way the last "
              "checkpoint is kept (default skip)")
+    add("--tracker", choices=TRACKERS,
+        help="also send the scalars of metrics.jsonl to TensorBoard (<out-dir>/tensorboard/) or Weights & Biases "
+             "(WANDB_MODE=offline keeps the run in <out-dir>/wandb/); neither is installed by default (default none)")
     return parser
 
 
@@ -85,13 +89,14 @@ def train_config_from_args(stage: str, args: argparse.Namespace) -> TrainConfig:
         "warmup_steps", "weight_decay", "grad_clip", "epochs", "max_steps", "seq_len", "device", "dtype",
         "resume", "eval_every", "eval_batches", "save_every", "log_every", "seed", "compile", "fsdp",
         "skip_bad_lines", "on_nan", "optimizer", "muon_lr", "muon_weight_decay", "schedule", "min_lr_ratio",
-        "cooldown_frac", "cooldown", "stop_at_step")}
+        "cooldown_frac", "cooldown", "stop_at_step", "tracker")}
     if flags["val_data"] is not None and flags["val_data"].lower() == "none":
         flags["val_data"] = ""
     for name in ("data", "val_data", "out_dir", "init_from", "tokenizer_dir"):
         if flags[name]:
             flags[name] = str(Path(flags[name]).expanduser().resolve())
     cfg = resolve_train_config(stage, args.preset, flags)
+    check_tracker(cfg.tracker)  # a missing package stops here, before any data is read
     if cfg.val_data == "":
         cfg.val_data = None
     return cfg

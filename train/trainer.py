@@ -3,7 +3,8 @@
 A stage hands `Trainer` a model, its training (and validation) windows and a TrainConfig; the
 trainer owns everything else: device and precision, distributed data parallel under torchrun,
 gradient accumulation, the learning-rate schedule, clipping, evaluation (loss and bits per byte),
-logging (tqdm bar + metrics.jsonl), checkpoints and exact resume, and Ctrl-C handling.
+logging (tqdm bar + metrics.jsonl, and TensorBoard or W&B through train/tracking.py), checkpoints
+and exact resume, and Ctrl-C handling.
 
 Exact resume: the data order is a pure function of (seed, epoch) and the position is the step
 number, so a resumed run draws the same batches in the same order; weights and optimizer state
@@ -35,6 +36,7 @@ from model.checkpoint import (atomic_save_safetensors, atomic_write, atomic_writ
                               save_model_folder)
 from model.model import IGNORE_INDEX, EtudeModel
 from train.optim import build_optimizer
+from train.tracking import Tracker, check_tracker, open_tracker
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -402,6 +404,8 @@ class Trainer:
         self._stop_signal: str | None = None
         self.skipped_steps = 0
         self.nonfinite_streak = 0
+        check_tracker(cfg.tracker)  # a missing package stops the run before it starts
+        self.tracker = Tracker()  # the real one opens in fit(), once the start step is known
 
     def _grad_accum_for(self, world: int) -> int:
         """Gradient accumulation for this run. A run resumed on another number of ranks keeps
@@ -627,6 +631,7 @@ class Trainer:
         if self.dist.is_main:
             with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+            self.tracker.log(record)
 
     def _trim_metrics(self, start_step: int) -> None:
         """Forget metrics of steps after the resume point (they will be run again)."""
@@ -670,11 +675,19 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(self.cfg.seed)
         start_step = self._resume()
         self._trim_metrics(start_step)
+        self.tracker = open_tracker(self.cfg.tracker, self.out_dir, start_step, self.cfg.to_dict(), self.dist.is_main)
+        try:
+            return self._fit_from(start_step)
+        finally:
+            self.tracker.close()
+            self.tracker = Tracker()
+
+    def _fit_from(self, start_step: int) -> dict[str, Any]:
+        cfg = self.cfg
         n_params = self.model.num_parameters()
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         peak, peak_source = peak_flops(self.device, self.dtype)
