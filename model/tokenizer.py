@@ -188,29 +188,40 @@ class EtudeTokenizer:
         Each message's "role\\ncontent" is encoded in one piece, exactly the text that the chat
         template hands to the tokenizer between two special tokens, so the ids equal
         `apply_chat_template` for any content free of special-token strings."""
-        validate_messages(messages)
-        ids: list[int] = []
-        mask: list[int] = []
-        for message in messages:
-            role, content = message["role"], message["content"]
-            trained = 1 if role == "assistant" else 0
-            header_chars = len(role) + 1
-            encoding = self._tokenizer.encode(f"{role}\n{content}", add_special_tokens=False)
-            ids.append(self.im_start_id)
-            mask.append(0)
-            for token_id, (_, end) in zip(encoding.ids, encoding.offsets):
-                ids.append(token_id)
-                # A token that reaches into the content is the model's to produce.
-                mask.append(trained if end > header_chars else 0)
-            ids.append(self.im_end_id)
-            mask.append(trained)
-            ids.extend(self._newline_ids)
-            mask.extend([0] * len(self._newline_ids))
-        if add_generation_prompt:
-            prompt = [self.im_start_id] + self.encode("assistant\n")
-            ids.extend(prompt)
-            mask.extend([0] * len(prompt))
-        return ids, mask
+        return self.render_chats([messages], add_generation_prompt)[0]
+
+    def render_chats(self, conversations: list[list[dict[str, str]]],
+                     add_generation_prompt: bool = False) -> list[tuple[list[int], list[int]]]:
+        """render_chat() over many conversations, their messages encoded in one parallel batch
+        (what the SFT token cache is built with)."""
+        for messages in conversations:
+            validate_messages(messages)
+        texts = [f"{m['role']}\n{m['content']}" for messages in conversations for m in messages]
+        encodings = iter(self._tokenizer.encode_batch(texts, add_special_tokens=False))
+        newline = self._newline_ids
+        rendered = []
+        for messages in conversations:
+            ids: list[int] = []
+            mask: list[int] = []
+            for message in messages:
+                encoding = next(encodings)
+                trained = 1 if message["role"] == "assistant" else 0
+                # A token that reaches into the content is the model's to produce; the ones that
+                # end within "role\n" lead the encoding (offsets only grow).
+                header_chars, n_header = len(message["role"]) + 1, 0
+                for _, end in encoding.offsets:
+                    if end > header_chars:
+                        break
+                    n_header += 1
+                body = encoding.ids
+                ids += [self.im_start_id, *body, self.im_end_id, *newline]
+                mask += [0] * (1 + n_header) + [trained] * (len(body) - n_header + 1) + [0] * len(newline)
+            if add_generation_prompt:
+                prompt = [self.im_start_id] + self.encode("assistant\n")
+                ids += prompt
+                mask += [0] * len(prompt)
+            rendered.append((ids, mask))
+        return rendered
 
     def __repr__(self) -> str:
         return f"EtudeTokenizer(vocab_size={self.vocab_size}, path={str(self.path) if self.path else None!r})"

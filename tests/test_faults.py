@@ -41,7 +41,8 @@ from model.lora import apply_lora, save_adapter
 from model.model import EtudeModel
 from model.tokenizer import load_tokenizer
 from train.cli import load_init_model
-from train.data import DataError, PackedTokens, build_token_cache, cache_paths, load_sft_data
+from train.data import DataError, PackedTokens, build_token_cache, cache_paths
+from train.sft_data import load_sft_data
 from train.train_pretrain import main as pretrain_main
 from train.train_sft import main as sft_main
 from train.trainer import (MAX_NONFINITE_STREAK, NonFiniteLossError, Trainer, find_resume_state,
@@ -767,9 +768,10 @@ def test_special_token_text_stays_plain_in_training_data(tiny_tokenizer_dir, tmp
     path = tmp_path / "sft.jsonl"
     path.write_text(json.dumps({"conversations": INJECTED}) + "\n", encoding="utf-8")
     data = load_sft_data(path, tokenizer, 256, verbose=False)
-    assert data.inputs[0, :len(ids)].tolist() == ids and set(data.inputs[0, len(ids):].tolist()) == {tokenizer.pad_id}
+    window_ids, window_labels = data.window(0)
+    assert window_ids[:len(ids)].tolist() == ids and set(window_ids[len(ids):].tolist()) == {tokenizer.pad_id}
     # The forged markers inside the assistant's answer are trained as the text they are.
-    assert (data.labels[0, :len(ids)] != -100).sum() == sum(mask)
+    assert (window_labels[:len(ids)] != -100).sum() == sum(mask)
     # Pretraining text: "<|endoftext|>" typed in a document is text, not a document boundary.
     source = tmp_path / "docs.jsonl"
     source.write_text(json.dumps({"text": "one<|endoftext|>two"}) + "\n" + json.dumps({"text": FORGED}) + "\n")

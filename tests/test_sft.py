@@ -15,7 +15,8 @@ from inference.inference import main as chat_main
 from model.checkpoint import load_model_folder
 from model.model import IGNORE_INDEX
 from model.tokenizer import load_tokenizer
-from train.data import DataError, PackedConversations, load_sft_data
+from train.data import DataError
+from train.sft_data import PackedConversations, load_sft_data
 from train.train_pretrain import main as pretrain_main
 from train.train_sft import main as sft_main
 
@@ -51,7 +52,7 @@ def test_sft_label_mask_golden(tiny_tokenizer_dir):
                     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"},
                     {"role": "assistant", "content": "Goodbye."}]
     ids, mask = tokenizer.render_chat(conversation)
-    data = PackedConversations([(ids, mask)], seq_len=len(ids) + 5, pad_id=tokenizer.pad_id)
+    data = PackedConversations.from_rendered([(ids, mask)], seq_len=len(ids) + 5, pad_id=tokenizer.pad_id)
     inputs, targets = data.get_batch([0])
     assert inputs[0, :len(ids)].tolist() == ids and inputs[0, len(ids):].eq(tokenizer.pad_id).all()
     trained = targets[0][targets[0] != IGNORE_INDEX].tolist()
@@ -70,7 +71,8 @@ def test_packing_keeps_conversations_whole_with_little_padding(toy):
     data = load_sft_data(toy["folder"] / "sft.jsonl", tokenizer, seq_len=128, verbose=False)
     assert data.pad_fraction < 0.1
     assert data.truncated == 0
-    total_trained = int((data.labels != IGNORE_INDEX).sum())
+    total_trained = sum(int((data.window(i)[1] != IGNORE_INDEX).sum()) for i in range(len(data)))
+    assert total_trained == data.trained_tokens()
     expected = 0
     with open(toy["folder"] / "sft.jsonl") as handle:
         for line in handle:

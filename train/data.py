@@ -10,7 +10,9 @@ targets), so no token is padding.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import io
 import json
 import re
 import time
@@ -21,8 +23,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import atomic_write, atomic_write_json
-from model.model import IGNORE_INDEX as IGNORE
-from model.tokenizer import EtudeTokenizer, not_text, validate_messages
+from model.tokenizer import EtudeTokenizer, not_text
 
 CACHE_VERSION = 1
 ENCODE_BATCH_DOCS = 2000
@@ -43,36 +44,61 @@ def _bad_line(path: Path, lineno: int, problem: str) -> str:
     return f"{path}:{lineno}: {problem}"
 
 
+def text_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, line as UTF-8 bytes) of a text file: UTF-8, with or without a byte-order
+    mark, or UTF-16 with one (as Windows tools save text), re-encoded line by line."""
+    with open(path, "rb") as handle:
+        head = handle.read(3)
+        if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            handle.seek(0)
+            lineno = 0
+            try:
+                for lineno, line in enumerate(io.TextIOWrapper(handle, encoding="utf-16"), start=1):
+                    yield lineno, line.encode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno + 1}: not valid UTF-16 text ({exc.reason}) although the file "
+                                "starts with a UTF-16 byte-order mark; re-save it as UTF-8") from None
+            return
+        handle.seek(len(codecs.BOM_UTF8) if head == codecs.BOM_UTF8 else 0)
+        yield from enumerate(handle, start=1)
+
+
 def read_jsonl(path: Path | str, skip_bad_lines: bool = False, validate=None,
-               report: dict | None = None) -> Iterator[tuple[int, object]]:
+               report: dict | None = None, array_hint: str | None = None) -> Iterator[tuple[int, object]]:
     """Yield (line number, parsed object) from a JSONL file. Blank lines are ignored. A line
     that is not JSON, or that `validate(obj)` rejects (by returning an error string), stops
-    with file:line; with skip_bad_lines it is counted in report["skipped"] instead."""
+    with file:line; with skip_bad_lines it is counted in report["skipped"] instead. A file that
+    is one JSON array rather than JSONL stops at once, with `array_hint` ({path} and {stem}
+    filled in) saying what to do."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}. Build the demo data with "
                                 "`python tool/prepare_data.py` or pass --data PATH.")
     report = report if report is not None else {}
     report.setdefault("skipped", 0)
-    with open(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-                problem = validate(obj) if validate else None
-            except UnicodeDecodeError as exc:
-                problem = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
-            except json.JSONDecodeError as exc:
-                problem = f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
-            if problem:
-                message = _bad_line(path, lineno, problem)
-                if not skip_bad_lines:
-                    raise DataError(message + ". Fix the line, or pass --skip-bad-lines to skip "
-                                              "bad lines (they are counted and reported).")
-                _count_skipped(report, message)
-                continue
-            yield lineno, obj
+    first = True
+    for lineno, raw in text_lines(path):
+        if not raw.strip():
+            continue
+        if first and raw.lstrip().startswith(b"["):
+            hint = array_hint or "write one JSON object per line instead"
+            raise DataError(f"{path}:{lineno}: " + hint.format(path=path, stem=path.with_suffix("")))
+        first = False
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+            problem = validate(obj) if validate else None
+        except UnicodeDecodeError as exc:
+            problem = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+        except json.JSONDecodeError as exc:
+            problem = f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
+        if problem:
+            message = _bad_line(path, lineno, problem)
+            if not skip_bad_lines:
+                raise DataError(message + ". Fix the line, or pass --skip-bad-lines to skip "
+                                          "bad lines (they are counted and reported).")
+            _count_skipped(report, message)
+            continue
+        yield lineno, obj
 
 
 def _count_skipped(report: dict, message: str) -> None:
@@ -110,22 +136,21 @@ def iter_documents(path: Path | str, skip_bad_lines: bool = False,
             raise FileNotFoundError(f"data file not found: {path}")
         block: list[str] = []
         report = report if report is not None else {}
-        with open(path, "rb") as handle:
-            for lineno, raw in enumerate(handle, start=1):
-                try:  # line by line, so a bad byte is reported with its line number
-                    line = raw.decode("utf-8").replace("\r\n", "\n")
-                except UnicodeDecodeError as exc:
-                    message = _bad_line(path, lineno, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
-                    if not skip_bad_lines:
-                        raise DataError(message + ". Convert the file to UTF-8, or pass --skip-bad-lines to skip "
-                                                  "such lines (they are counted and reported).") from None
-                    _count_skipped(report, message)
-                    continue
-                if line.strip():
-                    block.append(line)
-                elif block:
-                    yield "".join(block).strip("\n")
-                    block = []
+        for lineno, raw in text_lines(path):
+            try:  # line by line, so a bad byte is reported with its line number
+                line = raw.decode("utf-8").replace("\r\n", "\n")
+            except UnicodeDecodeError as exc:
+                message = _bad_line(path, lineno, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+                if not skip_bad_lines:
+                    raise DataError(message + ". Convert the file to UTF-8, or pass --skip-bad-lines to skip "
+                                              "such lines (they are counted and reported).") from None
+                _count_skipped(report, message)
+                continue
+            if line.strip():
+                block.append(line)
+            elif block:
+                yield "".join(block).strip("\n")
+                block = []
         if block:
             yield "".join(block).strip("\n")
         return
@@ -156,9 +181,15 @@ def encoding_pieces(text: str, size: int = ENCODE_PIECE_CHARS) -> list[str]:
     return pieces
 
 
-def _fingerprint(path: Path) -> dict:
+def source_fingerprint(path: Path) -> dict:
+    """What identifies a source file's version for its caches: size and modification time."""
     stat = path.stat()
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def token_dtype(vocab_size: int) -> type:
+    """The smallest unsigned type that holds every id: uint16 up to 65,536 ids, else uint32."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
 def tokenizer_hash(tokenizer: EtudeTokenizer) -> str:
@@ -178,7 +209,7 @@ def build_token_cache(source: Path | str, tokenizer: EtudeTokenizer, skip_bad_li
         raise FileNotFoundError(f"data file not found: {source}. Build the demo data with "
                                 "`python tool/prepare_data.py` or pass --data PATH.")
     bin_path, meta_path = cache_paths(source)
-    wanted = {"version": CACHE_VERSION, "source": _fingerprint(source),
+    wanted = {"version": CACHE_VERSION, "source": source_fingerprint(source),
               "tokenizer": tokenizer_hash(tokenizer)}
     meta = None
     if bin_path.is_file() and meta_path.is_file():
@@ -195,7 +226,7 @@ def build_token_cache(source: Path | str, tokenizer: EtudeTokenizer, skip_bad_li
 
 def _write_token_cache(source: Path, tokenizer: EtudeTokenizer, bin_path: Path, meta_path: Path,
                        wanted: dict, skip_bad_lines: bool, verbose: bool) -> dict:
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    dtype = token_dtype(tokenizer.vocab_size)
     started = time.perf_counter()
     report: dict = {}
     n_docs = n_tokens = n_bytes = 0
@@ -277,106 +308,21 @@ def load_pretrain_data(path: Path | str, tokenizer: EtudeTokenizer, seq_len: int
     return PackedTokens(tokens, seq_len, name=str(path))
 
 
+STATISTICS_CHUNK = 1 << 24  # tokens per pass over a stream: 16M ids, 128 MB as int64
+
+
 def unigram_bits_per_byte(train: np.ndarray, val: np.ndarray, token_bytes: np.ndarray) -> float:
     """Bits per byte of the best context-free model: each token's frequency in the training
     stream (add-one smoothed), scored on the validation stream. A trained model should land far
-    below it."""
-    counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=len(token_bytes)).astype(np.float64) + 1.0
+    below it. Both streams are read in chunks, so a memory-mapped cache of any size costs
+    STATISTICS_CHUNK ids of memory at a time."""
+    counts = np.ones(len(token_bytes), dtype=np.float64)
+    for start in range(0, len(train), STATISTICS_CHUNK):
+        counts += np.bincount(train[start:start + STATISTICS_CHUNK], minlength=len(token_bytes))
     log_probs = np.log2(counts / counts.sum())
-    val = np.asarray(val, dtype=np.int64)
-    total_bytes = token_bytes[val].sum()
-    return float(-log_probs[val].sum() / max(total_bytes, 1))
-
-
-
-# ---- supervised fine-tuning --------------------------------------------------------------------
-
-def _conversation_problem(obj: object) -> str | None:
-    if not isinstance(obj, dict):
-        return 'expected an object {"conversations": [...]} or {"messages": [...]}'
-    messages = obj.get("conversations", obj.get("messages"))
-    if messages is None:
-        return f'no "conversations" or "messages" field (keys: {sorted(obj)})'
-    try:
-        validate_messages(messages, require_assistant=True)
-    except ValueError as exc:
-        return str(exc)
-    if any(not m["content"].strip() for m in messages if m["role"] == "assistant"):
-        return "an assistant message is empty"
-    return None
-
-
-def read_conversations(path: Path | str, skip_bad_lines: bool = False,
-                       report: dict | None = None) -> Iterator[list[dict]]:
-    """Conversations of an SFT JSONL file ({"conversations": [...]} or {"messages": [...]})."""
-    for _, obj in read_jsonl(path, skip_bad_lines, _conversation_problem, report):
-        messages = obj.get("conversations", obj.get("messages"))
-        yield [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-class PackedConversations:
-    """SFT windows: whole conversations packed into windows of seq_len + 1 tokens (first fit,
-    longest first), never split across windows; the rest of a window is padding that is not
-    trained. Targets are -100 except on assistant content and its closing <|im_end|>."""
-
-    def __init__(self, conversations: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
-                 name: str = "data"):
-        self.seq_len = seq_len
-        width = seq_len + 1
-        order = sorted(range(len(conversations)), key=lambda i: (-len(conversations[i][0]), i))
-        bins: list[list[int]] = []
-        free: list[int] = []
-        self.truncated = 0
-        for index in order:
-            size = min(len(conversations[index][0]), width)
-            self.truncated += len(conversations[index][0]) > width
-            for b, room in enumerate(free):
-                if room >= size:
-                    bins[b].append(index)
-                    free[b] -= size
-                    break
-            else:
-                bins.append([index])
-                free.append(width - size)
-        self.inputs = torch.full((len(bins), width), pad_id, dtype=torch.long)
-        self.labels = torch.full((len(bins), width), IGNORE, dtype=torch.long)
-        for b, members in enumerate(bins):
-            cursor = 0
-            for index in sorted(members):
-                ids, mask = conversations[index]
-                ids, mask = ids[:width], mask[:width]
-                self.inputs[b, cursor:cursor + len(ids)] = torch.tensor(ids)
-                self.labels[b, cursor:cursor + len(ids)] = torch.where(
-                    torch.tensor(mask, dtype=torch.bool), torch.tensor(ids), IGNORE)
-                cursor += len(ids)
-        self.num_samples = len(bins)
-        if self.num_samples == 0:
-            raise DataError(f"{name} holds no conversations")
-        total = self.num_samples * width
-        self.pad_fraction = float(free and sum(free) / total)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def get_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.as_tensor(indices, dtype=torch.long)
-        return self.inputs[rows, :-1], self.labels[rows, 1:]
-
-
-def load_sft_data(path: Path | str, tokenizer: EtudeTokenizer, seq_len: int,
-                  skip_bad_lines: bool = False, verbose: bool = True) -> PackedConversations:
-    """Render every conversation of an SFT file to ids + assistant mask and pack them."""
-    report: dict = {}
-    rendered = [tokenizer.render_chat(messages) for messages in read_conversations(path, skip_bad_lines, report)]
-    if not rendered:
-        raise DataError(f"{path} holds no conversations{_skipped_note(report)}; add one JSON object "
-                        '{"conversations": [{"role": ..., "content": ...}, ...]} per line')
-    data = PackedConversations(rendered, seq_len, tokenizer.pad_id, name=str(path))
-    if verbose:
-        trained = int((data.labels != IGNORE).sum())
-        print(f"{Path(path).name}: {len(rendered):,} conversations -> {data.num_samples:,} windows of "
-              f"{seq_len} tokens; {data.pad_fraction:.1%} padding, {trained:,} trained tokens"
-              + (f"; {data.truncated} conversations longer than a window were truncated" if data.truncated else "")
-              + (f"; skipped {report['skipped']} bad lines, first: {report['first_skipped'][0]}"
-                 if report.get("skipped") else ""))
-    return data
+    total_bits = total_bytes = 0.0
+    for start in range(0, len(val), STATISTICS_CHUNK):
+        chunk = np.asarray(val[start:start + STATISTICS_CHUNK])
+        total_bits -= float(log_probs[chunk].sum())
+        total_bytes += float(token_bytes[chunk].sum())
+    return total_bits / max(total_bytes, 1)

@@ -28,7 +28,7 @@ from model.checkpoint import WEIGHTS_FILE, atomic_write_json
 from model.lora import (ADAPTER_WEIGHTS_FILE, DEFAULT_TARGETS, adapter_settings, apply_lora, check_lora_settings,
                         display_path, save_adapter)
 from train.cli import build_parser, load_init_model, print_config, run_stage, train_config_from_args
-from train.data import load_sft_data
+from train.sft_data import load_sft_data
 from train.trainer import Trainer, find_resume_state
 
 DEFAULT_NAME = "identity"

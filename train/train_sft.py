@@ -20,7 +20,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 import torch
 
 from train.cli import build_parser, load_init_model, print_config, run_stage, train_config_from_args
-from train.data import load_sft_data
+from train.sft_data import load_sft_data
 from train.trainer import Trainer
 
 
