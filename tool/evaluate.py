@@ -45,7 +45,7 @@ from tool.eval.formats import TaskFileError
 from tool.eval.models import EvalModel, bits_per_byte, load_eval_model, pick_device, pick_dtype
 from tool.eval.sandbox import network_isolation, run_program
 from tool.eval.tasks import (CHAT_MAX_NEW_TOKENS, CODE_MAX_NEW_TOKENS, DEFAULT_TASKS, Task, build_task,
-                             choice_metrics, exact_metrics, exact_prompts, humaneval_program, parse_task_specs,
+                             choice_metrics, choice_requests, exact_metrics, exact_prompts, humaneval_program, parse_task_specs,
                              truncate_code)
 
 EVAL_DATA_DIR = DATA_DIR / "eval"
@@ -82,7 +82,7 @@ def run_task(model: EvalModel, task: Task, batch_size: int, allow_code: bool = F
             nats, n_bytes = model.text_nll(task.examples, batch_size, progress=bar.update)
             return {"bpb": bits_per_byte(nats, n_bytes), "n": len(task.examples), "bytes": n_bytes}
         if task.kind == "choice":
-            lls = model.score_choices([(q.query, list(q.choices)) for q in task.examples], batch_size, bar.update)
+            lls = model.score_choices(choice_requests(task.examples), batch_size, bar.update)
             return {**choice_metrics(task.examples, lls), "n": len(task.examples)}
         if task.kind == "exact":
             prompts = [model.chat_ids(messages) for messages in exact_prompts(task)]
@@ -154,7 +154,7 @@ def format_table(results: dict, tasks: list[Task], markdown: bool = False) -> st
 
 def bench(model: EvalModel, task: Task, batch_size: int) -> dict:
     """Examples/s of batched scoring vs one forward pass per choice, on the same questions, in one run."""
-    questions = [(q.query, list(q.choices)) for q in task.examples]
+    questions = choice_requests(task.examples)
     model.score_one_by_one(questions[:2])  # warm-up (first-call allocations)
     t0 = time.perf_counter()
     single = model.score_one_by_one(questions)

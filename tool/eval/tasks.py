@@ -29,6 +29,7 @@ from tool.eval.formats import OFFICIAL_FILES, READERS, Choice, TaskFileError, fi
 CHOICE_TASKS = ("continuation", "hellaswag", "arc_easy", "arc_challenge", "mmlu", "piqa")
 DEFAULT_TASKS = ("bpb", "continuation", "chat", *SYNTHETIC_KINDS)
 KNOWN = ("bpb", "chat", "humaneval", "mc", *CHOICE_TASKS, *SYNTHETIC_KINDS)
+TARGET_DELIMITER = " "      # between a multiple-choice prompt and each choice, as lm-eval puts it
 SYNTHETIC_COUNT = 100      # problems per synthetic task unless --limit says otherwise
 CONTINUATION_CHOICES = 4
 CHAT_MAX_NEW_TOKENS = 96
@@ -218,6 +219,11 @@ def build_task(name: str, path: str | None, data_dir: Path, limit: int | None) -
     task_name = Path(path).stem if name == "mc" else name
     chance = sum(1 / len(q.choices) for q in questions) / max(len(questions), 1)
     return Task(task_name, "choice", questions, str(source), describe, chance=chance)
+
+
+def choice_requests(questions: list[Choice]) -> list[tuple[str, list[str]]]:
+    """(context, continuations) to score: each choice after lm-eval's target delimiter, a space."""
+    return [(q.query, [TARGET_DELIMITER + choice for choice in q.choices]) for q in questions]
 
 
 def choice_metrics(questions: list[Choice], loglikelihoods: list[list[float]]) -> dict[str, float]:
