@@ -74,7 +74,8 @@ def test_only_sft_leaves_pretraining_files_alone(user_files, tmp_path):
     ("--sft", '{"conversations": [{"role": "bot", "content": "hi"}]}', "role 'bot' is not one of"),
     ("--sft", '{"conversations": [{"role": "user", "content": "hi"}]}', "no assistant message"),
     ("--sft", '{"text": "hi"}', 'expected an object with "conversations"'),
-    ("--sft", '{"messages": [{"role": "user", "content": ["hi"]}]}', "content must be a string"),
+    ("--sft", '{"messages": [{"role": "user", "content": ["hi"]}]}', "a message has a non-text part"),
+    ("--sft", '{"messages": [{"role": "user", "content": 5}]}', "content must be a string"),
 ])
 def test_bad_line_names_file_and_line(tmp_path, capsys, flag, line, problem):
     good = '{"text": "fine"}' if flag == "--pretrain" else json.dumps({"conversations": chat(0)})
@@ -173,3 +174,40 @@ def test_demo_corpus_is_deterministic(tmp_path):
     assert len(rehearsed) == 960  # ... shuffled among SFT chats it rehearses
     assert all(json.dumps(r, ensure_ascii=False) in sft_lines for r in rehearsed)
     assert lora[:len(identity)] != identity
+
+
+def test_user_files_stream_through_shuffle_buckets(tmp_path, monkeypatch):
+    """Inputs larger than a bucket: every record lands exactly once, the split has its size, the
+    same seed gives the same bytes, and the shuffle crosses bucket boundaries."""
+    import tool.prepare_data as prepare_data
+    monkeypatch.setattr(prepare_data, "BUCKET_BYTES", 2000)  # ~30 records a bucket
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document number {i:04d}"}) + "\n" for i in range(400)))
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(100)))
+    outputs = []
+    for name in ("one", "two"):
+        out = tmp_path / name
+        assert prepare_main(["--pretrain", str(docs), "--sft", str(alpaca), "--out-dir", str(out)]) == 0
+        outputs.append([(out / f).read_bytes() for f in OUTPUTS])
+        assert not list(tmp_path.glob(".*prepare-*"))  # the buckets are gone
+    assert outputs[0] == outputs[1]
+    out = tmp_path / "one"
+    train, val = read_jsonl(out / "pretrain.jsonl"), read_jsonl(out / "pretrain.val.jsonl")
+    assert len(val) == 40  # the floor of 300 capped at a tenth
+    assert sorted(r["text"] for r in train + val) == [f"document number {i:04d}" for i in range(400)]
+    order = [int(r["text"].split()[-1]) for r in train]
+    assert order != sorted(order)
+    sft = read_jsonl(out / "sft.jsonl") + read_jsonl(out / "sft.val.jsonl")
+    assert sorted(r["conversations"][1]["content"] for r in sft) == sorted(f"a{i}" for i in range(100))
+    assert sft[0]["conversations"][0]["role"] == "user"
+
+
+def test_a_byte_order_mark_and_a_json_array(tmp_path, capsys):
+    marked = tmp_path / "docs.jsonl"
+    marked.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)), encoding="utf-8-sig")
+    assert prepare_main(["--pretrain", str(marked), "--out-dir", str(tmp_path / "out")]) == 0
+    array = tmp_path / "alpaca_data.json"
+    array.write_text(json.dumps([{"instruction": "hi", "output": "yo"}]), encoding="utf-8")
+    assert prepare_main(["--sft", str(array), "--out-dir", str(tmp_path / "out")]) == 2
+    assert f"python tool/cut_jsonl_sft.py {array}" in capsys.readouterr().err

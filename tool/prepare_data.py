@@ -32,8 +32,10 @@ import json
 import os
 import random
 import re
+import shutil
 import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,12 +48,15 @@ import yaml
 
 from config import DATA_DIR, PRETRAIN_DATA, PRETRAIN_VAL_DATA, SFT_DATA, SFT_VAL_DATA
 from model.checkpoint import atomic_write
-from model.tokenizer import validate_messages
+from tool.textio import Reader
+from model.chat_formats import Rejected, rejection_text, to_conversation
 
 PRETRAIN_VAL_FRACTION = 0.02
 SFT_VAL_FRACTION = 0.05
 MIN_PRETRAIN_VAL_DOCS = 300  # enough documents for a steady validation loss
 LORA_IDENTITY_FILE = "lora_identity.jsonl"
+# Your files are shuffled through temporary buckets of about this size: the memory one takes.
+BUCKET_BYTES = 64 << 20
 
 CHATTERBOT_LANGUAGES = ("english", "chinese")
 MAX_SFT_TURN_CHARS = 800          # chitchat has a few pasted walls of text; not reply material
@@ -276,8 +281,8 @@ class LineChecker:
         """(line number, text) of every line that is UTF-8, newline removed."""
         if not path.is_file():
             raise DataError(f"file not found: {path}")
-        with open(path, "rb") as handle:
-            for lineno, raw in enumerate(handle, start=1):
+        with Reader(path, progress=False) as reader:  # compressed files and byte-order marks too
+            for lineno, raw in enumerate(reader.stream, start=1):
                 try:
                     yield lineno, raw.decode("utf-8").rstrip("\r\n")
                 except UnicodeDecodeError as exc:
@@ -294,23 +299,22 @@ class LineChecker:
                 self.bad(path, lineno, f"not valid JSON ({exc.msg} at column {exc.colno})")
 
 
-def read_pretrain_file(path: Path, checker: LineChecker) -> list[str]:
-    """Documents of a .txt (blank-line separated blocks) or .jsonl ({"text": ...}) file."""
+def read_pretrain_file(path: Path, checker: LineChecker) -> Iterator[str]:
+    """Documents of a .txt (blank-line separated blocks) or .jsonl ({"text": ...}) file, one at a time."""
     if path.suffix == ".txt":
-        documents, block = [], []
+        block: list[str] = []
         for _, line in checker.lines(path):
             if line.strip():
                 block.append(line)
             elif block:
-                documents.append("\n".join(block))
+                yield "\n".join(block)
                 block = []
         if block:
-            documents.append("\n".join(block))
-        return documents
+            yield "\n".join(block)
+        return
     if path.suffix != ".jsonl":
         raise DataError(f"{path}: pretraining files must be .jsonl ({{\"text\": ...}} per line) or "
                         ".txt (documents separated by blank lines)")
-    documents = []
     for lineno, obj in checker.json_objects(path):
         if not isinstance(obj, dict) or "text" not in obj:
             checker.bad(path, lineno, 'expected an object with a "text" field, e.g. {"text": "..."}')
@@ -319,46 +323,45 @@ def read_pretrain_file(path: Path, checker: LineChecker) -> list[str]:
         elif not obj["text"].strip():
             checker.bad(path, lineno, '"text" is empty')
         else:
-            documents.append(obj["text"])
-    return documents
+            yield obj["text"]
 
 
-def read_sft_file(path: Path, checker: LineChecker) -> list[list[dict[str, str]]]:
-    """Conversations of a .jsonl file, {"conversations": [...]} or {"messages": [...]} per line,
-    normalised to role and content only."""
+def read_sft_file(path: Path, checker: LineChecker) -> Iterator[list[dict[str, str]]]:
+    """Conversations of a .jsonl file, one at a time, as role/content messages: our own shape
+    ({"conversations": [...]} or {"messages": [...]}) or a common one (Alpaca, ShareGPT, OpenAI
+    with the developer role), as SFT training reads them (model/chat_formats.py)."""
     if path.suffix != ".jsonl":
         raise DataError(f'{path}: SFT files must be .jsonl with {{"conversations": [{{"role": ..., '
-                        '"content": ...}, ...]} per line')
-    conversations = []
+                        '"content": ...}, ...]} per line; convert other files (a .json array, Alpaca, '
+                        f'ShareGPT) with `python tool/cut_jsonl_sft.py {path}`')
     for lineno, obj in checker.json_objects(path):
-        messages = obj.get("conversations", obj.get("messages")) if isinstance(obj, dict) else None
-        if messages is None:
+        if isinstance(obj, dict) and "conversations" not in obj and "messages" not in obj \
+                and "instruction" not in obj:
             checker.bad(path, lineno, 'expected an object with "conversations" (or "messages"): '
                                       '{"conversations": [{"role": "user", "content": "..."}, ...]}')
             continue
         try:
-            validate_messages(messages, require_assistant=True)
-        except ValueError as exc:
-            checker.bad(path, lineno, str(exc))
+            messages = to_conversation(obj)
+        except Rejected as exc:
+            checker.bad(path, lineno, rejection_text(exc))
             continue
         if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
             checker.bad(path, lineno, "every assistant message is empty")
             continue
-        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
-    return conversations
+        yield messages
 
 
-def read_user_files(paths: list[Path], reader, checker: LineChecker, what: str) -> list[list[Any]]:
-    groups = []
+def read_user_files(paths: list[Path], reader, checker: LineChecker, what: str) -> Iterator[Any]:
+    """The records of every file in turn, streamed; prints each file's count when it is done."""
     for path in paths:
-        before = len(checker.skipped)
-        records = reader(path, checker)
+        before, count = len(checker.skipped), 0
+        for record in reader(path, checker):
+            count += 1
+            yield record
         skipped = len(checker.skipped) - before
-        print(f"  {path}: {len(records):,} {what}" + (f", {skipped:,} bad lines skipped" if skipped else ""))
-        groups += [[record] for record in records]
+        print(f"  {path}: {count:,} {what}" + (f", {skipped:,} bad lines skipped" if skipped else ""))
     if checker.skipped:
         print("  first skipped lines:\n    " + "\n    ".join(checker.skipped[:5]))
-    return groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,10 +436,7 @@ def split_validation(groups: list[list[Any]], fraction: float, min_val: int,
     """Shuffle whole groups, fill the validation split first, then shuffle inside each split.
     The validation split holds `fraction` of the records, raised to min_val but never past a
     tenth of them (small corpora), and never more than half."""
-    total = sum(map(len, groups))
-    if total < 2:
-        raise DataError(f"need at least 2 {what} to split off a validation set, got {total}")
-    target = min(max(round(total * fraction), min(min_val, total // 10), 1), total // 2)
+    target = validation_size(sum(map(len, groups)), fraction, min_val, what)
     order = list(groups)
     rng.shuffle(order)
     train, val = [], []
@@ -447,6 +447,59 @@ def split_validation(groups: list[list[Any]], fraction: float, min_val: int,
     return train, val
 
 
+def validation_size(total: int, fraction: float, min_val: int, what: str) -> int:
+    """How many of `total` records the validation split holds: `fraction` of them, raised to
+    min_val but never past a tenth of them (small corpora), and never more than half."""
+    if total < 2:
+        raise DataError(f"need at least 2 {what} to split off a validation set, got {total}")
+    return min(max(round(total * fraction), min(min_val, total // 10), 1), total // 2)
+
+
+class ShuffleBuckets:
+    """Shuffle any number of records in bounded memory: each record goes to a random one of
+    n temporary bucket files of about BUCKET_BYTES (`add`), then `write_split` shuffles each
+    bucket in memory and writes them out in turn, the first records of the whole order filling
+    the validation split. That is a uniformly random permutation, like an in-memory shuffle,
+    and seeded, so the same inputs give the same bytes."""
+
+    def __init__(self, folder: Path, input_bytes: int, rng: random.Random):
+        folder.mkdir()
+        self.folder, self.rng, self.total = folder, rng, 0
+        self.n_buckets = max(1, -(-input_bytes // BUCKET_BYTES))
+        self._files = [open(folder / f"{b}.jsonl", "wb") for b in range(self.n_buckets)]
+
+    def add_all(self, records: Iterator[dict[str, Any]]) -> ShuffleBuckets:
+        try:
+            for record in records:
+                line = json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+                self._files[self.rng.randrange(self.n_buckets)].write(line)
+                self.total += 1
+        finally:
+            for handle in self._files:
+                handle.close()
+        return self
+
+    def write_split(self, train_path: Path, val_path: Path, n_val: int) -> None:
+        """Both files written under temporary names and renamed into place once complete."""
+        def write(train_tmp: str, val_tmp: str) -> None:
+            left = n_val
+            with open(train_tmp, "wb") as train, open(val_tmp, "wb") as val:
+                for b in range(self.n_buckets):
+                    lines = (self.folder / f"{b}.jsonl").read_bytes().splitlines(keepends=True)
+                    self.rng.shuffle(lines)
+                    val.writelines(lines[:left])
+                    train.writelines(lines[left:])
+                    left -= min(left, len(lines))
+
+        atomic_write(train_path, lambda train_tmp: atomic_write(val_path, lambda val_tmp: write(train_tmp, val_tmp)))
+        for path, count in ((train_path, self.total - n_val), (val_path, n_val)):
+            print(f"  wrote {path}: {count:,} lines, {path.stat().st_size / 1e6:.2f} MB")
+
+
+def input_bytes(paths: list[Path]) -> int:
+    return sum(path.stat().st_size for path in paths if path.is_file())
+
+
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
@@ -455,6 +508,66 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
     atomic_write(path, write)
     print(f"  wrote {path}: {len(records):,} lines, {path.stat().st_size / 1e6:.2f} MB")
+
+
+def write_demo_corpus(args: argparse.Namespace) -> None:
+    """The demo corpus (small: built in memory), split by source item and written."""
+    print("building the demo corpus from installed packages")
+    pretrain_groups, sft_groups, qa_groups = demo_corpus(args.languages, args.seed)
+    out = args.out_dir
+    min_val = 1 if args.val_fraction else MIN_PRETRAIN_VAL_DOCS
+    train, val = split_validation(pretrain_groups, args.val_fraction or PRETRAIN_VAL_FRACTION, min_val,
+                                  random.Random(f"etude-pretrain:{args.seed}"), "pretraining documents")
+    write_jsonl(out / PRETRAIN_DATA.name, [{"text": text} for text in train])
+    write_jsonl(out / PRETRAIN_VAL_DATA.name, [{"text": text} for text in val])
+    rng = random.Random(f"etude-sft:{args.seed}")
+    fraction = args.val_fraction or SFT_VAL_FRACTION
+    train, val = split_validation(sft_groups, fraction, 1, rng, "SFT conversations")
+    # the Q&A is split on its own so that both splits hold some, and repeated in training
+    qa_train, qa_val = split_validation(qa_groups, fraction, 1, rng, "Q&A conversations")
+    train += qa_train * QA_REPEATS
+    val += qa_val
+    rng.shuffle(train)
+    print(f"  chatterbot Q&A: {len(qa_train):,} training conversations x {QA_REPEATS}, "
+          f"{len(qa_val):,} for validation")
+    write_jsonl(out / SFT_DATA.name, [{"conversations": messages} for messages in train])
+    write_jsonl(out / SFT_VAL_DATA.name, [{"conversations": messages} for messages in val])
+    write_jsonl(out / LORA_IDENTITY_FILE, [{"conversations": m} for m in lora_identity(args.seed, train)])
+
+
+def write_user_files(args: argparse.Namespace) -> None:
+    """Your files, streamed: every line checked and scattered into shuffle buckets (both kinds
+    of data before anything is written, so a bad line leaves the outputs as they were), then
+    each split written out. Memory is one bucket, whatever the size of the inputs."""
+    print("reading your files")
+    checker = LineChecker(args.skip_bad_lines)
+    out = args.out_dir
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=out.parent))
+    try:
+        plans = []
+        if args.pretrain:
+            records = ({"text": text} for text in read_user_files(args.pretrain, read_pretrain_file, checker, "documents"))
+            buckets = ShuffleBuckets(work / "pretrain", input_bytes(args.pretrain),
+                                     random.Random(f"etude-pretrain:{args.seed}")).add_all(records)
+            # An explicit --val-fraction is taken as it is; the default keeps a floor of documents.
+            n_val = validation_size(buckets.total, args.val_fraction or PRETRAIN_VAL_FRACTION,
+                                    1 if args.val_fraction else MIN_PRETRAIN_VAL_DOCS, "pretraining documents")
+            plans.append((buckets, PRETRAIN_DATA.name, PRETRAIN_VAL_DATA.name, n_val))
+        if args.sft:
+            records = ({"conversations": m} for m in read_user_files(args.sft, read_sft_file, checker, "conversations"))
+            buckets = ShuffleBuckets(work / "sft", input_bytes(args.sft),
+                                     random.Random(f"etude-sft:{args.seed}")).add_all(records)
+            n_val = validation_size(buckets.total, args.val_fraction or SFT_VAL_FRACTION, 1, "SFT conversations")
+            plans.append((buckets, SFT_DATA.name, SFT_VAL_DATA.name, n_val))
+        for buckets, train_name, val_name, n_val in plans:
+            buckets.write_split(out / train_name, out / val_name, n_val)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for flag, train_name, val_name in (("--pretrain", PRETRAIN_DATA.name, PRETRAIN_VAL_DATA.name),
+                                       ("--sft", SFT_DATA.name, SFT_VAL_DATA.name)):
+        if not getattr(args, flag[2:]):
+            print(f"  {out / train_name} and {val_name}: left as they are (no {flag})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -484,42 +597,9 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--val-fraction must be between 0 and 0.5, got {args.val_fraction}")
         demo = args.pretrain is None and args.sft is None
         if demo:
-            print("building the demo corpus from installed packages")
-            pretrain_groups, sft_groups, qa_groups = demo_corpus(args.languages, args.seed)
+            write_demo_corpus(args)
         else:
-            print("reading your files")
-            checker = LineChecker(args.skip_bad_lines)
-            pretrain_groups = read_user_files(args.pretrain or [], read_pretrain_file, checker, "documents")
-            sft_groups = read_user_files(args.sft or [], read_sft_file, checker, "conversations")
-
-        out = args.out_dir
-        if demo or args.pretrain:
-            # An explicit --val-fraction is taken as it is; the default keeps a floor of documents.
-            min_val = 1 if args.val_fraction else MIN_PRETRAIN_VAL_DOCS
-            train, val = split_validation(pretrain_groups, args.val_fraction or PRETRAIN_VAL_FRACTION,
-                                          min_val, random.Random(f"etude-pretrain:{args.seed}"),
-                                          "pretraining documents")
-            write_jsonl(out / PRETRAIN_DATA.name, [{"text": text} for text in train])
-            write_jsonl(out / PRETRAIN_VAL_DATA.name, [{"text": text} for text in val])
-        else:
-            print(f"  {out / PRETRAIN_DATA.name} and {PRETRAIN_VAL_DATA.name}: left as they are (no --pretrain)")
-        if demo or args.sft:
-            rng = random.Random(f"etude-sft:{args.seed}")
-            fraction = args.val_fraction or SFT_VAL_FRACTION
-            train, val = split_validation(sft_groups, fraction, 1, rng, "SFT conversations")
-            if demo:  # split the Q&A on its own so both splits hold some; repeat it in training
-                qa_train, qa_val = split_validation(qa_groups, fraction, 1, rng, "Q&A conversations")
-                train += qa_train * QA_REPEATS
-                val += qa_val
-                rng.shuffle(train)
-                print(f"  chatterbot Q&A: {len(qa_train):,} training conversations x {QA_REPEATS}, "
-                      f"{len(qa_val):,} for validation")
-            write_jsonl(out / SFT_DATA.name, [{"conversations": messages} for messages in train])
-            write_jsonl(out / SFT_VAL_DATA.name, [{"conversations": messages} for messages in val])
-        else:
-            print(f"  {out / SFT_DATA.name} and {SFT_VAL_DATA.name}: left as they are (no --sft)")
-        if demo:
-            write_jsonl(out / LORA_IDENTITY_FILE, [{"conversations": m} for m in lora_identity(args.seed, train)])
+            write_user_files(args)
     except (DataError, OSError, sqlite3.Error) as exc:
         if os.environ.get("ETUDE_DEBUG"):
             raise
