@@ -93,22 +93,25 @@ def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 class Runner:
-    """Runs stages as measured child processes and keeps their rows."""
+    """Runs stages as measured child processes and keeps their rows; a stage that failed is not
+    run again at a larger size."""
 
     def __init__(self, args: argparse.Namespace, logs: Path):
         self.args, self.logs, self.rows = args, logs, []
+        self.failed_stages: dict[str, str] = {}
 
-    def run(self, stage: str, size_mb: float | None, command: list[str], input_path: Path, log_name: str) -> dict:
-        """One measured run of `command` (a script under ROOT and its flags); the row it adds."""
+    def run(self, stage: str, size_mb: float | None, command: list, input_path: Path, log_name: str) -> dict:
+        """One measured run of `command` (a script under ROOT and its flags); its row, kept in
+        self.rows unless it is a setup run (size_mb None)."""
         log = self.logs / f"{log_name}.log"
-        shown = " ".join(str(part) for part in command)
-        print(f"[{size_name(size_mb) + ' MB' if size_mb is not None else 'setup'}] {stage}: python {shown}",
+        command = [str(part) for part in command]
+        print(f"[{size_name(size_mb) + ' MB' if size_mb is not None else 'setup'}] {stage}: python {' '.join(command)}",
               flush=True)
-        result = run_measured([sys.executable, *map(str, command)], log, cwd=ROOT,
-                              timeout_s=self.args.stage_timeout_s, kill_above_mb=self.args.kill_rss_mb)
+        result = run_measured([sys.executable, *command], log, cwd=ROOT, timeout_s=self.args.stage_timeout_s,
+                              kill_above_mb=self.args.kill_rss_mb)
         mb = input_path.stat().st_size / 1e6
         row = {"stage": stage, "size_mb": size_mb, "mb": mb, "mb_per_s": mb / result["seconds"], **result,
-               "command": ["python", *map(str, command)]}
+               "command": ["python", *command]}
         row["over_limit"] = row["peak_rss_mb"] > self.args.max_rss_mb
         row["ok"] = row["rc"] == 0 and not row["over_limit"]
         print(f"    {row['seconds']:.1f} s, {row['mb_per_s']:.2f} MB/s, peak RSS {row['peak_rss_mb']:.0f} MB"
@@ -118,6 +121,18 @@ class Runner:
         if size_mb is not None:
             self.rows.append(row)
         return row
+
+    def stage(self, stage: str, size_mb: float, command: list, input_path: Path) -> None:
+        """A measured stage at one size, or a 'skipped' row when it failed at a smaller size."""
+        if stage in self.failed_stages:
+            self.skip(stage, size_mb, self.failed_stages[stage])
+            return
+        row = self.run(stage, size_mb, command, input_path, f"{size_name(size_mb)}mb_{stage.replace(' ', '_')}")
+        if not row["ok"]:
+            self.failed_stages[stage] = f"skipped: failed at {size_name(size_mb)} MB"
+
+    def skip(self, stage: str, size_mb: float, why: str) -> None:
+        self.rows.append({"stage": stage, "size_mb": size_mb, "skipped": why, "ok": False})
 
 
 def problem(row: dict, max_rss_mb: float) -> str:
@@ -213,6 +228,92 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def shared_setup(runner: Runner, args: argparse.Namespace, work: Path, slice_path: Path,
+                 held_out: Path) -> tuple[Path, Path, str]:
+    """The tokenizer that pretraining and SFT share and the tiny model that SFT starts from,
+    made once per (slice, vocabulary, seed) and kept in `work`; with why they could not be made
+    ('' when they were)."""
+    name = f"slice{size_name(args.tokenizer_slice_mb)}mb_vocab{args.vocab_size}_seed{args.seed}"
+    tokenizer_dir, init_model = work / f"tokenizer_{name}", work / f"model_{name}"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        row = runner.run("shared tokenizer", None, ["train/train_tokenizer.py", "all", "--data", slice_path,
+                                                    "--val-data", held_out, "--vocab-size", args.vocab_size,
+                                                    "--max-mb", 0, "--out-dir", tokenizer_dir],
+                         slice_path, f"setup_tokenizer_{name}")
+        if row["rc"]:
+            return tokenizer_dir, init_model, f"the shared tokenizer failed (see {row['log']})"
+    if "sft" in args.stages and not (init_model / "config.json").is_file():
+        folder = work / "runs" / "setup"
+        row = runner.run("shared tiny model", None, ["train/train_pretrain.py", "--preset", "tiny", "--data",
+                                                     fresh_link(slice_path, folder), "--val-data", "none",
+                                                     "--max-steps", 1, "--tokenizer-dir", tokenizer_dir,
+                                                     "--out-dir", init_model, "--no-resume", "--device", args.device],
+                         slice_path, f"setup_model_{name}")
+        shutil.rmtree(folder, ignore_errors=True)
+        if row["rc"]:
+            return tokenizer_dir, init_model, f"the shared tiny model failed (see {row['log']})"
+    return tokenizer_dir, init_model, ""
+
+
+def run_size(runner: Runner, args: argparse.Namespace, size: float, data: Path, run: Path, held_out: Path,
+             tokenizer_dir: Path | None, init_model: Path | None, setup_failed: str) -> None:
+    """Every chosen stage on the files of one size, its outputs in `run`."""
+    pretrain, sft = data / f"pretrain_{size_name(size)}mb.jsonl", data / f"sft_{size_name(size)}mb.jsonl"
+    shutil.rmtree(run, ignore_errors=True)
+    if "prepare" in args.stages:
+        runner.stage("prepare --pretrain", size, ["tool/prepare_data.py", "--pretrain", pretrain, "--out-dir",
+                                                  run / "prepared_pretrain"], pretrain)
+        runner.stage("prepare --sft", size, ["tool/prepare_data.py", "--sft", sft, "--out-dir", run / "prepared_sft"],
+                     sft)
+    if "tokenizer" in args.stages:
+        runner.stage("tokenizer", size, ["train/train_tokenizer.py", "all", "--data", pretrain, "--val-data", held_out,
+                                         "--vocab-size", args.vocab_size, "--max-mb", args.tokenizer_max_mb,
+                                         "--out-dir", run / "tokenizer"], pretrain)
+    for name, script, source, start in (
+            ("pretrain", "train/train_pretrain.py", pretrain, ["--tokenizer-dir", tokenizer_dir]),
+            ("sft", "train/train_sft.py", sft, ["--init-from", init_model])):
+        if name not in args.stages:
+            continue
+        if setup_failed:
+            for temperature in ("cold", "warm"):
+                runner.skip(f"{name} {temperature}", size, f"skipped: {setup_failed}")
+            continue
+        linked = fresh_link(source, run / name)  # its caches start cold, beside it, and go with `run`
+        command = [script, "--preset", "tiny", "--data", linked, "--val-data", "none", "--max-steps", 1, *start,
+                   "--out-dir", run / name / "model", "--no-resume", "--device", args.device]
+        runner.stage(f"{name} cold", size, command, linked)
+        runner.stage(f"{name} warm", size, command, linked)
+    if not args.keep:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def print_report(runner: Runner, args: argparse.Namespace, sizes: list[float], generation: list[dict],
+                 setup_failed: str) -> int:
+    """The generation times, the table, the JSON; the exit status."""
+    floor = own_peak_mb()
+    print("\ngenerated inputs (reused ones are not timed):")
+    for item in generation:
+        timing = "reused" if item["reused"] else f"{item['seconds']:.1f} s, {item['mb_per_s']:.1f} MB/s"
+        print(f"  {item['path']}: {item['bytes'] / 1e6:.1f} MB, {timing}")
+    print(f"\nthis process: {floor:.0f} MB at its peak (the floor of every peak RSS below); growth = "
+          "(time / time at the previous size) / (size / previous size), 1.0 = linear\n")
+    print(format_table(runner.rows, args.max_rss_mb) if runner.rows else "(no stage ran)")
+    failed = [row for row in runner.rows if not row["ok"]]
+    if args.json:
+        report = {"sizes_mb": sizes, "stages": args.stages, "max_rss_mb": args.max_rss_mb, "floor_mb": floor,
+                  "generation": generation, "rows": with_growth(runner.rows),
+                  "ok": not failed and not setup_failed}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"\nwrote {args.json}")
+    if setup_failed:
+        print(f"\nFAILED: {setup_failed}", file=sys.stderr)
+    if failed:
+        print(f"\nFAILED: {len(failed)} stage run(s) failed, passed --max-rss-mb {args.max_rss_mb:g} or were "
+              f"skipped; their logs are in {runner.logs}", file=sys.stderr)
+    return 1 if failed or setup_failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -221,106 +322,31 @@ def main(argv: list[str] | None = None) -> int:
         args.kill_rss_mb = 2 * args.max_rss_mb
     sizes = sorted(args.sizes_mb)
     work = args.work_dir.resolve()
-    data, logs, runs = work / "data" / f"seed{args.seed}", work / "logs", work / "runs"
+    data, logs = work / "data" / f"seed{args.seed}", work / "logs"
     for folder in (data, logs):
         folder.mkdir(parents=True, exist_ok=True)
     runner = Runner(args, logs)
 
-    generation = []
-    for size in sizes:
-        for kind in ("pretrain", "sft"):
-            generation.append({"size_mb": size, **generate(kind, data / f"{kind}_{size_name(size)}mb.jsonl", size,
-                                                           args.seed)})
-
-    # What every size shares: one tokenizer, one tiny model to fine-tune, a held-out file.
+    generation = [{"size_mb": size, **generate(kind, data / f"{kind}_{size_name(size)}mb.jsonl", size, args.seed)}
+                  for size in sizes for kind in ("pretrain", "sft")]
     slice_path = data / f"pretrain_{size_name(args.tokenizer_slice_mb)}mb.jsonl"
     held_out = data / "heldout_1mb.jsonl"  # generated with another seed: text that no tokenizer saw
     if {"tokenizer", "pretrain", "sft"} & set(args.stages):
         generation.append({"size_mb": 1, **generate("pretrain", held_out, 1, args.seed + 1)})
-    if {"pretrain", "sft"} & set(args.stages) and args.tokenizer_slice_mb not in sizes:
-        generation.append({"size_mb": args.tokenizer_slice_mb, **generate("pretrain", slice_path,
-                                                                          args.tokenizer_slice_mb, args.seed)})
-    setup_name = f"slice{size_name(args.tokenizer_slice_mb)}mb_vocab{args.vocab_size}_seed{args.seed}"
-    tokenizer_dir, init_model = work / f"tokenizer_{setup_name}", work / f"model_{setup_name}"
-    setup_failed = None
-    if {"pretrain", "sft"} & set(args.stages) and not (tokenizer_dir / "tokenizer.json").is_file():
-        row = runner.run("shared tokenizer", None, ["train/train_tokenizer.py", "all", "--data", slice_path,
-                                                    "--val-data", held_out, "--vocab-size", args.vocab_size,
-                                                    "--max-mb", 0, "--out-dir", tokenizer_dir],
-                         slice_path, f"setup_tokenizer_{setup_name}")
-        setup_failed = None if row["rc"] == 0 else f"the shared tokenizer failed (see {row['log']})"
-    if "sft" in args.stages and not setup_failed and not (init_model / "config.json").is_file():
-        row = runner.run("shared tiny model", None, ["train/train_pretrain.py", "--preset", "tiny", "--data",
-                                                     fresh_link(slice_path, runs / "setup"), "--val-data", "none",
-                                                     "--max-steps", 1, "--tokenizer-dir", tokenizer_dir,
-                                                     "--out-dir", init_model, "--no-resume", "--device", args.device],
-                         slice_path, f"setup_model_{setup_name}")
-        shutil.rmtree(runs / "setup", ignore_errors=True)
-        setup_failed = None if row["rc"] == 0 else f"the shared tiny model failed (see {row['log']})"
-
-    failed_stages: dict[str, str] = {}
-
-    def stage(name: str, size: float, command: list, input_path: Path) -> None:
-        if name in failed_stages:
-            runner.rows.append({"stage": name, "size_mb": size, "skipped": failed_stages[name], "ok": False})
-            return
-        row = runner.run(name, size, command, input_path, f"{size_name(size)}mb_{name.replace(' ', '_')}")
-        if not row["ok"]:
-            failed_stages[name] = f"skipped: failed at {size_name(size)} MB"
+    tokenizer_dir = init_model = None  # only the pretraining and SFT stages need them
+    setup_failed = ""
+    if {"pretrain", "sft"} & set(args.stages):
+        if args.tokenizer_slice_mb not in sizes:
+            generation.append({"size_mb": args.tokenizer_slice_mb,
+                               **generate("pretrain", slice_path, args.tokenizer_slice_mb, args.seed)})
+        tokenizer_dir, init_model, setup_failed = shared_setup(runner, args, work, slice_path, held_out)
 
     for size in sizes:
-        pretrain, sft = data / f"pretrain_{size_name(size)}mb.jsonl", data / f"sft_{size_name(size)}mb.jsonl"
-        run = runs / f"{size_name(size)}mb"
-        shutil.rmtree(run, ignore_errors=True)
-        if "prepare" in args.stages:
-            stage("prepare --pretrain", size, ["tool/prepare_data.py", "--pretrain", pretrain, "--out-dir",
-                                               run / "prepared_pretrain"], pretrain)
-            stage("prepare --sft", size, ["tool/prepare_data.py", "--sft", sft, "--out-dir", run / "prepared_sft"], sft)
-        if "tokenizer" in args.stages:
-            stage("tokenizer", size, ["train/train_tokenizer.py", "all", "--data", pretrain, "--val-data", held_out,
-                                      "--vocab-size", args.vocab_size, "--max-mb", args.tokenizer_max_mb,
-                                      "--out-dir", run / "tokenizer"], pretrain)
-        for name, model_stage in (("pretrain", "train/train_pretrain.py"), ("sft", "train/train_sft.py")):
-            if name not in args.stages:
-                continue
-            if setup_failed:
-                for temperature in ("cold", "warm"):
-                    runner.rows.append({"stage": f"{name} {temperature}", "size_mb": size, "ok": False,
-                                        "skipped": f"skipped: {setup_failed}"})
-                continue
-            source = fresh_link(pretrain if name == "pretrain" else sft, run / name)
-            start = (["--tokenizer-dir", tokenizer_dir] if name == "pretrain" else ["--init-from", init_model])
-            command = [model_stage, "--preset", "tiny", "--data", source, "--val-data", "none", "--max-steps", 1,
-                       *start, "--out-dir", run / name / "model", "--no-resume", "--device", args.device]
-            stage(f"{name} cold", size, command, source)
-            stage(f"{name} warm", size, command, source)
-        if not args.keep:
-            shutil.rmtree(run, ignore_errors=True)
+        run_size(runner, args, size, data, work / "runs" / f"{size_name(size)}mb", held_out, tokenizer_dir,
+                 init_model, setup_failed)
     if not args.keep:
-        shutil.rmtree(runs, ignore_errors=True)
-
-    floor = own_peak_mb()
-    table = format_table(runner.rows, args.max_rss_mb) if runner.rows else "(no stage ran)"
-    print("\ngenerated inputs (reused ones are not timed):")
-    for item in generation:
-        timing = "reused" if item["reused"] else f"{item['seconds']:.1f} s, {item['mb_per_s']:.1f} MB/s"
-        print(f"  {item['path']}: {item['bytes'] / 1e6:.1f} MB, {timing}")
-    print(f"\nthis process: {floor:.0f} MB at its peak (the floor of every peak RSS below); growth = "
-          "(time / time at the previous size) / (size / previous size), 1.0 = linear\n")
-    print(table)
-    failed = [row for row in runner.rows if not row["ok"]]
-    if args.json:
-        report = {"sizes_mb": sizes, "stages": args.stages, "max_rss_mb": args.max_rss_mb, "floor_mb": floor,
-                  "generation": generation, "rows": with_growth(runner.rows), "ok": not failed and not setup_failed}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"\nwrote {args.json}")
-    if setup_failed:
-        print(f"\nFAILED: {setup_failed}", file=sys.stderr)
-    if failed:
-        print(f"\nFAILED: {len(failed)} stage run(s) failed or passed --max-rss-mb {args.max_rss_mb:g}; "
-              f"their logs are in {logs}", file=sys.stderr)
-    return 1 if failed or setup_failed else 0
+        shutil.rmtree(work / "runs", ignore_errors=True)
+    return print_report(runner, args, sizes, generation, setup_failed)
 
 
 if __name__ == "__main__":
