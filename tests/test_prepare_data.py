@@ -211,3 +211,12 @@ def test_a_byte_order_mark_and_a_json_array(tmp_path, capsys):
     array.write_text(json.dumps([{"instruction": "hi", "output": "yo"}]), encoding="utf-8")
     assert prepare_main(["--sft", str(array), "--out-dir", str(tmp_path / "out")]) == 2
     assert f"python tool/cut_jsonl_sft.py {array}" in capsys.readouterr().err
+
+
+def test_compressed_inputs(tmp_path):
+    import gzip
+    packed = tmp_path / "chats.jsonl.gz"
+    with gzip.open(packed, "wt", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps({"conversations": chat(i)}) + "\n" for i in range(20)))
+    assert prepare_main(["--sft", str(packed), "--out-dir", str(tmp_path / "out")]) == 0
+    assert len(read_jsonl(tmp_path / "out" / "sft.jsonl")) + len(read_jsonl(tmp_path / "out" / "sft.val.jsonl")) == 20

@@ -4,6 +4,7 @@ and its assistant mask, and parity with transformers.AutoTokenizer."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -189,3 +190,22 @@ def test_script_runs_from_its_own_folder(tiny_text_corpus):
                           cwd=ROOT / "train", capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "1,200 texts" in done.stdout
+
+
+def test_the_cap_samples_the_whole_file_not_its_head(tmp_path, capsys):
+    """Under --max-mb, texts are drawn evenly from the whole file (seeded), up to the share."""
+    from train.train_tokenizer import sampled_texts
+    path = tmp_path / "sorted.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i:05d} " + "word " * 20}) + "\n" for i in range(2000)))
+    budget = path.stat().st_size // 4
+    sample = list(sampled_texts([path], budget, seed=1))
+    numbers = [int(text.split()[1]) for text in sample]
+    assert sample == list(sampled_texts([path], budget, seed=1))
+    assert sample != list(sampled_texts([path], budget, seed=2))
+    assert 0.15 * budget < sum(len(t) for t in sample) <= budget + 200
+    assert min(numbers) < 200 and max(numbers) > 1800  # from the head to the tail
+    assert len(list(sampled_texts([path], None))) == 2000
+    assert train_tokenizer_main(["train", "--data", str(path), "--out-dir", str(tmp_path / "tok"), "--vocab-size", "300",
+                                 "--max-mb", str(budget / 1e6)]) == 0
+    assert re.search(r"trained on 0\.\d MB of text sampled from 0\.\d MB of files .* peak memory \d+\.\d\d GB",
+                     capsys.readouterr().out)

