@@ -60,7 +60,10 @@ def _need(data: dict, key: str, kind: type | tuple, where: str, shape: str):
         raise TaskFileError(f"{where}: missing {key!r} (keys present: {sorted(data)}); expected {shape}")
     value = data[key]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise TaskFileError(f"{where}: {key!r} must be {shape}, got {type(value).__name__} {value!r:.60}")
+        names = {str: "a string", list: "a list", int: "an integer", dict: "an object"}
+        wanted = " or ".join(names[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise TaskFileError(f"{where}: {key!r} must be {wanted}, got {type(value).__name__} {value!r:.60}; "
+                            f"each line is {shape}")
     return value
 
 

@@ -98,6 +98,13 @@ class EvalModel:
         """Greedy continuations of the prompts (stop id included when reached)."""
         raise NotImplementedError
 
+    def fit_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], int]:
+        """Prompts cut from the left so that they and the answer fit the context (a prompt keeps at
+        least half of it), and the number of new tokens that then fits."""
+        keep = max(self.max_len - max_new_tokens, self.max_len // 2)
+        prompts = [p[-keep:] for p in prompts]
+        return prompts, min(max_new_tokens, self.max_len - max(len(p) for p in prompts))
+
     # -- scoring shared by every kind of folder ---------------------------------------------------
 
     def pair_ids(self, context: str, continuation: str) -> tuple[list[int], int]:
@@ -221,9 +228,8 @@ class EtudeEvalModel(EvalModel):
         return self.model(input_ids)[0]  # right padding: causal attention alone keeps rows apart
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int]) -> list[list[int]]:
-        prompts = [p[-(self.max_len - max_new_tokens):] if len(p) + max_new_tokens > self.max_len else p
-                   for p in prompts]
-        return self.model.generate_batch(prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+        prompts, budget = self.fit_prompts(prompts, max_new_tokens)
+        return self.model.generate_batch(prompts, max_new_tokens=budget, temperature=0.0,
                                          stop_ids=stop_ids, pad_id=self.eot_id)
 
 
@@ -264,7 +270,7 @@ class HFEvalModel(EvalModel):
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int]) -> list[list[int]]:
-        prompts = [p[-(self.max_len - max_new_tokens):] for p in prompts]
+        prompts, max_new_tokens = self.fit_prompts(prompts, max_new_tokens)
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.eot_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
