@@ -4,7 +4,9 @@
     python tool/demo.py --preset small   # the same at ~26M parameters (for a GPU)
 
 prepare data -> train the tokenizer -> pretrain -> supervised fine-tuning -> chat -> LoRA (a small
-adapter that renames the assistant "Mira") -> the same questions with and without the adapter.
+adapter that renames the assistant "Mira") -> the same questions with and without the adapter ->
+evaluation of the pretrained, SFT and LoRA models on a sample of each task (a table, and a report
+card with plots in weight/report/).
 Each stage is the same command you would type yourself (they are printed), so the demo doubles
 as a tour.
 Stages resume: running the demo again continues an interrupted run, or skips finished training.
@@ -31,6 +33,8 @@ QUESTIONS = ("What is the name of the nearest major galaxy to the Milky Way?", "
 # rehearsed chats, so the adapter should leave its answer as it was.
 LORA_QUESTIONS = ("What is your name?", "Who was the only US President to resign?")
 LORA_NAME = "identity"
+# Examples per task in the demo's evaluation: enough to tell the models apart, ~1-2 minutes on 2 cores.
+EVAL_LIMIT = 100
 
 
 def stage_commands(preset: str) -> list[tuple[str, list[str]]]:
@@ -44,6 +48,11 @@ def stage_commands(preset: str) -> list[tuple[str, list[str]]]:
 
 def lora_command(preset: str) -> list[str]:
     return ["train/train_lora.py", "--preset", preset, "--lora-name", LORA_NAME]
+
+
+def evaluate_command() -> list[str]:
+    return ["tool/evaluate.py", "weight/etude_pretrained_model", "weight/etude_sft_model", f"weight/lora/{LORA_NAME}",
+            "--limit", str(EVAL_LIMIT), "--report", "weight/report"]
 
 
 def run(args: list[str]) -> None:
@@ -80,11 +89,16 @@ def main(argv: list[str] | None = None) -> int:
             run(["inference/inference.py", "--prompt", question, "--temperature", "0", "--max-new-tokens", "64", *lora])
     timings.append(("lora chat", time.perf_counter() - t0))
 
+    t0 = time.perf_counter()
+    run(evaluate_command())
+    timings.append(("evaluate", time.perf_counter() - t0))
+
     print("\ndemo finished; stage times:")
     for name, seconds in timings:
         print(f"  {name:<13}{seconds:8.1f} s")
     print(f"  {'total':<13}{time.perf_counter() - started:8.1f} s")
-    print(f"chat with it: python inference/inference.py (add --lora {LORA_NAME} for Mira)")
+    print(f"chat with it: python inference/inference.py (add --lora {LORA_NAME} for Mira); "
+          "the report card: weight/report/report.md")
     return 0
 
 
