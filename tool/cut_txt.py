@@ -16,8 +16,9 @@ are separated by a blank line and the text of each is kept as it was.
 --overlap K starts each sample after a cut with the whole sentences that ended the previous
 sample, as many as fit in K (same unit as the limit). A sample never spans two input files.
 
-Writes --out (default training_data/<input name>.jsonl), atomically. Lines that are not UTF-8
-stop with file:line, or with --skip-bad-lines are skipped and reported.
+Writes --out (default training_data/<input name>.jsonl), atomically. The text is UTF-8, or UTF-16
+or UTF-32 with a byte-order mark; lines that do not decode stop with file:line, or with
+--skip-bad-lines are skipped and reported.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def text_lines(reader: Reader, bad: BadLines) -> Iterator[tuple[str, bool]]:
                 text = decoder.decode(raw, final=whole)
             except UnicodeDecodeError as exc:
                 decoder.reset()
-                bad(reader.path, lineno + 1, "not UTF-8", f"byte 0x{exc.object[exc.start]:02x}")
+                bad(reader.path, lineno + 1, *reader.undecodable(exc.object, exc))
                 dropping = True
         if whole:
             lineno += 1

@@ -6,11 +6,16 @@
     python tool/extract_xml.py dump.xml --min-chars 500 --max-pages 1000 --skip-bad-lines
 
 Reads .xml, .xml.bz2, .xml.gz (and .xz) as a stream, one page at a time, so memory stays flat
-however large the dump. Keeps articles only: redirects and pages outside --namespaces (default
+however large the dump; UTF-8, or UTF-16/UTF-32 with a byte-order mark. Keeps articles only: redirects and pages outside --namespaces (default
 0, the articles) are skipped. Wikitext is cleaned to plain text: templates {{...}} (nested),
-<ref> notes, tables {| ... |}, files and images, categories, HTML comments and other markup are
-removed; [[target|label]] becomes label and [[target]] target; bold and italic marks go; headings
-stay as plain lines (those of sections that end up empty are dropped). The names of the File and
+<ref> notes, tables {| ... |}, files and images, categories, links to other languages, HTML
+comments, galleries, formulas and other markup are removed; [[target|label]] becomes label,
+[[target]] target and [url label] label, with brackets paired as MediaWiki pairs them (a file
+caption may hold links and single brackets: Bicyclo[1.1.0]butane; a link label may hold a
+wikilink); <nowiki> text stays as written; bold and italic marks go; headings stay as plain lines
+(those of sections that end up empty are dropped). Broken markup costs at most its paragraph: an
+unclosed template or file link takes the text up to the next blank line, an unclosed <ref> or
+link is left as text, and no input makes the cleaning slower than linear. The names of the File and
 Category namespaces are read from the dump itself, so localised dumps (e.g. Chinese) are cleaned
 the same way; Chinese variant markup -{zh-hans:...;zh-hant:...}- keeps the simplified text.
 Articles shorter than --min-chars after cleaning are dropped.
@@ -21,7 +26,7 @@ counts at the end. Feed it to `python tool/prepare_data.py --pretrain FILE`, or 
 
 Malformed XML (a cut-off download, say) stops with file:line and the column; with
 --skip-bad-lines the pages read before it are kept and the next input goes on. Bytes that are not
-UTF-8, or characters XML forbids, stop at their line too; with --skip-bad-lines only the page
+UTF-8 (or UTF-16), or characters XML forbids, stop at their line too; with --skip-bad-lines only the page
 holding them is skipped.
 """
 
@@ -51,11 +56,20 @@ CATEGORY_NAMESPACES = {"category", "分类", "分類"}
 DROPPED_NAMESPACE_KEYS = {"6", "14", "-2"}
 
 # --- wikitext cleaning ---------------------------------------------------------------------------
+# An unclosed comment hides the rest of the page on the wiki too.
 COMMENT = re.compile(r"<!--.*?(?:-->|\Z)", re.S)
+# <nowiki>: its text shows as written. Its markup characters become character references
+# (which html.unescape turns back after the last markup step), so no step reads them as markup.
+NOWIKI = re.compile(r"<nowiki\s*>(.*?)</nowiki\s*>", re.S | re.I)
+NOWIKI_EMPTY = re.compile(r"<nowiki\s*/>", re.I)
+MARKUP_CHARACTER = re.compile(r"[\[\]{}|'<>=_~*#:;!-]")
 # Elements whose content is not prose: notes, galleries, formulas, code, maps.
 DROPPED_ELEMENTS = "ref|references|gallery|math|chem|ce|score|timeline|imagemap|graph|mapframe|" \
                    "templatedata|syntaxhighlight|source|pre|includeonly|indicator"
-DROPPED_BLOCK = re.compile(rf"<({DROPPED_ELEMENTS})\b[^>]*?(?<!/)>.*?</\1\s*>", re.S | re.I)
+# An element's content ends at its own closing tag, and cannot hold another opening of it: an
+# unclosed <ref> is plain text (as on the wiki), not the start of a span that eats the article
+# up to the next note's </ref>.
+DROPPED_BLOCK = re.compile(rf"<({DROPPED_ELEMENTS})\b[^>]*?(?<!/)>(?:[^<]|<(?!\1\b))*?</\1\s*>", re.S | re.I)
 DROPPED_EMPTY = re.compile(rf"<(?:{DROPPED_ELEMENTS})\b[^>]*/>", re.I)
 LINE_BREAK_TAG = re.compile(r"<br\s*/?>", re.I)
 HTML_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*\b[^<>]*>")
@@ -64,8 +78,17 @@ TABLE_MARKS = re.compile(r"^[ \t]*(\{\||\|\})", re.M)
 VARIANT = re.compile(r"-\{(.*?)\}-", re.S)
 VARIANT_FLAGS = re.compile(r"^\s*([A-Za-z;\-+ ]{1,10})\|")
 VARIANT_PREFERENCE = ("zh-hans", "zh-cn", "zh-sg", "zh-my", "zh", "zh-hant", "zh-tw", "zh-hk", "zh-mo")
-EXTERNAL_LINK = re.compile(r"\[(?:https?:|ftp:)?//[^\s\]]+(?:\s+([^\]]*))?\]")
+BRACKETS = re.compile(r"\[+|\]+")
 INNERMOST_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
+# [url label] without brackets in the label, not followed by a ] (that could end a link around it)
+PLAIN_EXTERNAL_LINK = re.compile(r"\[((?:https?:)?//[^\s\[\]<>\"]+)(?:\s+([^\[\]]*))?\](?!\])")
+# What makes [...] an external link: a URL right after the bracket (as MediaWiki's protocols).
+EXTERNAL_URL = re.compile(r"(?:(?:https?|ftps?|sftp|irc|ircs|gopher|telnet|nntp|worldwind|svn|git|mms|ssh):)?//"
+                          r"[^\s\[\]<>\"]+|(?:mailto|news|urn|magnet|tel|sms|geo|xmpp|sip|sips|bitcoin):[^\s\[\]<>\"]+",
+                          re.I)
+# [[fr:Paris]]: a link to the same article in another language, listed beside the page, not in it.
+LANGUAGE_PREFIX = re.compile(r"(?:[a-z]{2,3}|simple)(?:-[a-z]{2,8})*")
+PIPE_TRICK = re.compile(r"\s*\(.*\)\s*$")
 BOLD_ITALIC = re.compile(r"'{2,}")
 MAGIC_WORD = re.compile(r"__[A-Z]+__")
 HEADING = re.compile(r"^(={1,6})\s*(.*?)\s*\1\s*$")
@@ -130,21 +153,140 @@ def pick_variant(match: re.Match) -> str:
     return next((variants[code] for code in VARIANT_PREFERENCE if code in variants), next(iter(variants.values())))
 
 
-def link_text(match: re.Match, dropped_prefixes: set[str]) -> str:
-    """[[target|label]] -> label, [[target]] -> target; files, images and categories -> nothing
-    (a leading colon, [[:Category:X]], makes a plain visible link)."""
-    target, pipe, label = match.group(1).partition("|")
+def hidden_link(target: str, piped: bool, dropped_prefixes: set[str]) -> bool:
+    """Whether a link to `target` shows nothing: a file, image or category (unless written
+    with a leading colon), or an unpiped link to another language's article."""
     target = target.strip()
-    visible = target.startswith(":")
-    target = target.lstrip(":")
-    prefix, colon, rest = target.partition(":")
-    if colon and not visible and prefix.strip().lower() in dropped_prefixes:
+    prefix, colon, _ = target.partition(":")
+    if not colon or target.startswith(":"):
+        return False
+    return prefix.strip().lower() in dropped_prefixes or (not piped and bool(LANGUAGE_PREFIX.fullmatch(prefix)))
+
+
+def link_text(inner: str, dropped_prefixes: set[str]) -> str:
+    """What [[inner]] shows: [[target|label]] the label, [[target]] the target; files, images,
+    categories and links to other languages nothing (a leading colon, [[:Category:X]], makes a
+    plain visible link). A target over several lines is no link: its text stays."""
+    target, pipe, label = inner.partition("|")
+    if "\n" in target:
+        return inner
+    if hidden_link(target, bool(pipe), dropped_prefixes):
         return ""
+    target = target.strip().lstrip(":")
+    prefix, colon, rest = target.partition(":")
     if pipe and label.strip():
         return label
     if pipe:  # the pipe trick: [[Paris (band)|]] shows "Paris"
-        return re.sub(r"\s*\(.*\)\s*$", "", rest if colon else target)
+        return PIPE_TRICK.sub("", rest if colon else target)
     return target
+
+
+def bracket_text(inner: str) -> str:
+    """What [inner] shows: an external link [url label] its label (nothing without one), any
+    other bracketed text itself, brackets included: [sic], Bicyclo[1.1.0]butane."""
+    url = EXTERNAL_URL.match(inner)
+    return inner[url.end():].strip() if url else f"[{inner}]"
+
+
+def replace_links(text: str, dropped_prefixes: set[str]) -> str:
+    """Every [[wikilink]] and [external link] replaced by what it shows, nested ones included,
+    with brackets paired as MediaWiki pairs them: [[ with ]]; a single [ inside a link (an
+    external link, or text such as Bicyclo[1.1.0]butane in a caption) closes with one ], and
+    takes the first ] of a "]]]"; when a link's "]]" comes while such a [ is still open, the [
+    was plain text. One pass over the brackets, so any input terminates. Unclosed [[ and stray
+    ]] marks are dropped with the text left as it is, except that a file or category link that
+    is never closed removes its own paragraph, no more; a [ still open at the end of its line
+    is text (an external link cut short: its label)."""
+    # Links without brackets inside, innermost first, by regular expression: what the scan
+    # below would make of them, at a fraction of the cost. The scan takes what is left.
+    for _ in range(3):
+        text, count = INNERMOST_LINK.subn(lambda match: link_text(match.group(1), dropped_prefixes), text)
+        if not count:
+            break
+    text = PLAIN_EXTERNAL_LINK.sub(lambda match: (match.group(2) or "").strip(), text)
+    if "[" not in text and "]" not in text:
+        return text
+    # The page's text so far in pieces; each open bracket is (opener, index of the piece that
+    # holds its mark), its text being the pieces after that one.
+    out: list[str] = []
+    frames: list[tuple[str, int]] = []
+    open_links = 0  # frames opened by [[
+
+    def close() -> None:
+        nonlocal open_links
+        opener, slot = frames.pop()
+        inner = "".join(out[slot + 1:])
+        del out[slot:]
+        if opener == "[[":
+            open_links -= 1
+            out.append(link_text(inner, dropped_prefixes))
+        else:
+            out.append(bracket_text(inner))
+
+    def unwind() -> None:
+        """The innermost open bracket was plain text after all: only its mark changes (so a
+        run of unclosed brackets costs no more than the text). The piece after the mark is
+        the text up to the next bracket: a link's target, or a URL."""
+        nonlocal open_links
+        opener, slot = frames.pop()
+        head = out[slot + 1] if slot + 1 < len(out) else ""
+        if opener == "[[":
+            open_links -= 1
+            out[slot] = ""
+            if hidden_link(head.partition("\n")[0].partition("|")[0], True, dropped_prefixes):
+                inner = "".join(out[slot + 1:])  # a broken file or category link: its paragraph goes
+                end = inner.find("\n\n")
+                del out[slot + 1:]
+                out.append(inner[end:] if end >= 0 else "")
+        else:  # an external link cut short keeps its label, other text its bracket
+            url = EXTERNAL_URL.match(head)
+            out[slot] = "" if url else "["
+            if url:
+                out[slot + 1] = head[url.end():].lstrip()
+
+    def add(piece: str) -> None:
+        if frames and frames[-1][0] == "[" and "\n" in piece:  # [...] does not span lines
+            line_end = piece.index("\n")
+            out.append(piece[:line_end])
+            while frames and frames[-1][0] == "[":
+                unwind()
+            piece = piece[line_end:]
+        out.append(piece)
+
+    at = 0
+    for match in BRACKETS.finditer(text):
+        add(text[at:match.start()])
+        at = match.end()
+        count = match.end() - match.start()
+        if text[match.start()] == "[":
+            for opener in ["[["] * (count // 2) + ["["] * (count % 2):
+                frames.append((opener, len(out)))
+                out.append(opener)
+                open_links += opener == "[["
+            continue
+        while count:
+            opener = frames[-1][0] if frames else ""
+            if opener == "[" and count == 2 and open_links:
+                while frames[-1][0] == "[":
+                    unwind()
+                close()
+                count = 0
+            elif opener == "[":
+                close()
+                count -= 1
+            elif opener == "[[" and count >= 2:
+                close()
+                count -= 2
+            elif opener == "[[":  # a lone ] inside a link
+                out.append("]")
+                count -= 1
+            else:  # nothing open: a stray ]] goes, a lone ] is text
+                out.append("]" * (count % 2))
+                count = 0
+    add(text[at:])
+    while frames:
+        unwind()
+    return "".join(out)
 
 
 def drop_empty_sections(lines: list[tuple[int, str]]) -> list[str]:
@@ -160,23 +302,20 @@ def drop_empty_sections(lines: list[tuple[int, str]]) -> list[str]:
 
 def clean_wikitext(text: str, dropped_prefixes: set[str]) -> str:
     """Plain text of an article's wikitext: one paragraph or heading per line."""
+    text = NOWIKI.sub(lambda m: MARKUP_CHARACTER.sub(lambda c: f"&#{ord(c.group())};", m.group(1)), text)
+    text = NOWIKI_EMPTY.sub("", text)
     text = COMMENT.sub("", text)
     text = DROPPED_BLOCK.sub("", text)
     text = DROPPED_EMPTY.sub("", text)
     text = strip_nested(text, TEMPLATE_BRACES, "{{")
     text = strip_nested(text, TABLE_MARKS, "{|")
     text = VARIANT.sub(pick_variant, text)
-    text = EXTERNAL_LINK.sub(lambda m: m.group(1) or "", text)
-    for _ in range(5):  # innermost links first: a file's caption may hold links of its own
-        text, count = INNERMOST_LINK.subn(lambda m: link_text(m, dropped_prefixes), text)
-        if not count:
-            break
-    text = text.replace("[[", "").replace("]]", "")
+    text = replace_links(text, dropped_prefixes)
     text = LINE_BREAK_TAG.sub("\n", text)
     text = HTML_TAG.sub("", text)
-    text = html.unescape(text)
     text = BOLD_ITALIC.sub("", text)
     text = MAGIC_WORD.sub("", text)
+    text = html.unescape(text)  # after the last markup step: what <nowiki> held stays as written
     # the rest works within lines, but one pass over the whole text is cheaper than one per line
     text = SPACES.sub(" ", text)
     text = EMPTY_PARENS.sub("", text)
@@ -221,6 +360,7 @@ class DumpReader:
         self.field: str | None = None
         self.buffer: list[str] = []
         self.namespace_key: str | None = None
+        self.encoding = "UTF-8"  # the dump's, for reports (set by feed)
 
     def start(self, name: str, attrs: dict[str, str]) -> None:
         name = name.rpartition(":")[2]
@@ -260,14 +400,16 @@ class DumpReader:
                 prefix, colon, _ = page["title"].partition(":")
                 page["ns"] = self.namespace_keys.get(prefix.strip().lower(), "0") if colon else "0"
             if BAD_CHARACTER in page["title"] or BAD_CHARACTER in page["text"]:
-                self.bad(self.path, page["line"], f"page {page['title'].strip()!r} holds bytes that are not UTF-8 "
-                                                  "or characters that XML does not allow")
+                self.bad(self.path, page["line"], f"page {page['title'].strip()!r} holds bytes that are not "
+                                                  f"{self.encoding} or characters that XML does not allow")
             else:
                 self.on_page(page, self.dropped_prefixes)
 
     def feed(self, reader: Reader, stop: Any) -> None:
         """Parse the whole stream, or until stop() says enough."""
+        # The reader hands over UTF-8 whatever the file's encoding (a UTF-16 dump is converted).
         decoder = codecs.getincrementaldecoder("utf-8")(errors=MARK_ERRORS)
+        self.encoding = reader.encoding
         line = 1
         while not stop():
             try:
@@ -279,7 +421,7 @@ class DumpReader:
             at = text.find(BAD_CHARACTER)
             if at >= 0 and not self.bad.skip:
                 self.bad(self.path, line + text.count("\n", 0, at),
-                         "bytes that are not UTF-8, or a character that XML does not allow")
+                         f"bytes that are not {self.encoding}, or a character that XML does not allow")
             try:
                 self.parser.Parse(text, not chunk)
             except expat.ExpatError as exc:

@@ -1,6 +1,7 @@
 """Streaming input and output shared by the data tools (extract_xml, cut_txt, cut_jsonl,
-cut_jsonl_sft): compressed files by suffix, a progress bar in MB over the file on disk, line
-numbers and reports for bad lines, and outputs that appear only once they are complete.
+cut_jsonl_sft): compressed files by suffix, text in UTF-8 or (with a byte-order mark) UTF-16 or
+UTF-32, always handed on as UTF-8, a progress bar in MB over the file on disk, line numbers and
+reports for bad lines, and outputs that appear only once they are complete.
 
 Only the standard library and tqdm: the tools must not import torch, so that their memory is
 their data's and not a framework's.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import bz2
 import codecs
 import gzip
+import io
 import json
 import lzma
 import os
@@ -33,6 +35,15 @@ MAX_LINE_BYTES = 64 << 20
 PROGRESS_EVERY = 4 << 20  # move the bar after this many bytes, not on every line
 ARRAY_READ_BYTES = 1 << 20  # a JSON array file is read in pieces of this size
 COMPRESSIONS = {".gz": (gzip.open, b"\x1f\x8b"), ".bz2": (bz2.open, b"BZh"), ".xz": (lzma.open, b"\xfd7zXZ\x00")}
+# A text that starts with one of these byte-order marks is in that encoding (UTF-32's marks
+# first: UTF-32-LE's begins with UTF-16-LE's); one without is UTF-8.
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+                    (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+TRANSCODE_BYTES = 1 << 20  # UTF-16/32 input is converted to UTF-8 in pieces of this size
+# UTF-16/32 code units that do not decode become a lone surrogate, which encodes (with
+# surrogatepass) to bytes that no UTF-8 decoder accepts: the line holding them is reported.
+UNDECODABLE = "etude-undecodable-to-surrogate"
+codecs.register_error(UNDECODABLE, lambda exc: ("\udcff", exc.end))
 # What a corrupted or cut-off compressed file raises while it is read.
 COMPRESSED_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
 
@@ -86,9 +97,33 @@ class Reader:
             self.stream = opener(self._raw, "rb")
         else:
             self.stream = self._raw
+        self.encoding = "UTF-8"
+        self._decode_byte_order_mark()
         self.bar = tqdm(total=self.size, unit="B", unit_scale=True, desc=self.path.name, disable=not progress,
                         file=sys.stderr, mininterval=0.5, leave=False)
         self._since_tick = 0
+
+    def _decode_byte_order_mark(self) -> None:
+        """A text that starts with a byte-order mark is read in the encoding the mark names
+        (the mark itself dropped): UTF-8 as it is, UTF-16 and UTF-32 converted to UTF-8 on the
+        fly, so every tool reads UTF-8 bytes. A text without a mark is UTF-8."""
+        try:
+            head = self.stream.peek(4)[:4]
+        except COMPRESSED_ERRORS:  # a corrupt compressed file: the first read reports it, at its line
+            return
+        for mark, encoding in BYTE_ORDER_MARKS:
+            if head.startswith(mark):
+                self.stream.read(len(mark))
+                if encoding != "utf-8":
+                    self.encoding = encoding.upper()
+                    self.stream = io.BufferedReader(ToUtf8(self.stream, encoding), buffer_size=TRANSCODE_BYTES)
+                return
+
+    def undecodable(self, data: bytes, exc: UnicodeDecodeError) -> tuple[str, str]:
+        """(kind, detail) of a bad-line report on `data`, which did not decode as UTF-8 with `exc`."""
+        if self.encoding == "UTF-8":
+            return "not UTF-8", f"byte 0x{data[exc.start]:02x}"
+        return f"not {self.encoding}", "an unpaired surrogate, or a character cut off at the end of the file"
 
     def readline(self, limit: int) -> bytes:
         """The next line of the decompressed stream, or its first `limit` bytes; moves the bar
@@ -115,6 +150,36 @@ class Reader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ToUtf8(io.RawIOBase):
+    """A binary stream of text in `encoding` (UTF-16 or UTF-32 without its byte-order mark) read
+    as UTF-8 bytes, a piece at a time. A code unit that does not decode (an unpaired surrogate, a
+    character cut off at the end) becomes bytes that are not UTF-8, so that the tool reading the
+    line reports it as it reports any other undecodable line."""
+
+    def __init__(self, stream: Any, encoding: str):
+        self._stream = stream
+        self._decoder = codecs.getincrementaldecoder(encoding)(errors=UNDECODABLE)
+        self._pending, self._at, self._eof = b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._at == len(self._pending) and not self._eof:
+            chunk = self._stream.read(TRANSCODE_BYTES)
+            self._eof = not chunk
+            self._pending = self._decoder.decode(chunk, final=self._eof).encode("utf-8", "surrogatepass")
+            self._at = 0
+        count = min(len(buffer), len(self._pending) - self._at)
+        buffer[:count] = self._pending[self._at:self._at + count]
+        self._at += count
+        return count
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
 
 
 class BadLines:
@@ -193,7 +258,8 @@ def iter_json_objects(reader: Reader, bad: BadLines) -> Iterator[tuple[int, byte
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            bad(reader.path, lineno, "not UTF-8", f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1}")
+            kind, detail = reader.undecodable(raw, exc)
+            bad(reader.path, lineno, kind, f"{detail} at column {exc.start + 1}")
             continue
         try:
             obj = json.loads(text)
@@ -225,8 +291,8 @@ def iter_json_array(reader: Reader, bad: BadLines) -> Iterator[tuple[int, bytes,
             chunk = reader.stream.read(ARRAY_READ_BYTES)
             buffer += text_decoder.decode(chunk, final=not chunk)
         except UnicodeDecodeError as exc:
-            bad(reader.path, line + buffer.count("\n"), "not UTF-8",
-                f"byte 0x{exc.object[exc.start]:02x}; the rest of the array cannot be read")
+            kind, detail = reader.undecodable(exc.object, exc)
+            bad(reader.path, line + buffer.count("\n"), kind, f"{detail}; the rest of the array cannot be read")
             eof = True
             return False
         except COMPRESSED_ERRORS as exc:
