@@ -31,7 +31,7 @@ import torch
 from config import PRETRAINED_DIR, SFT_DIR
 from model.checkpoint import load_model_folder
 from model.lora import load_adapter, merge_and_unload, resolve_adapter
-from model.decoding import merge_projections, quantize_int8
+from model.decoding import inference_dtype, merge_projections, pick_inference_device, quantize_int8
 from model.model import EtudeModel
 from model.tokenizer import EtudeTokenizer, load_tokenizer, not_text, validate_messages
 
@@ -162,28 +162,6 @@ def resolve_model_folder(requested: str | None) -> Path:
         return PRETRAINED_DIR
     raise FileNotFoundError(f"no model found in {SFT_DIR} or {PRETRAINED_DIR}; train one with "
                             "`python train/train_pretrain.py` and `python train/train_sft.py`, or pass --model")
-
-
-def pick_inference_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def inference_dtype(device: torch.device, name: str) -> torch.dtype:
-    """Decoding reads every weight per token: on CUDA bf16 halves that. On CPU it depends on the
-    chip: single-row bf16 matmuls were measured slower than fp32 on an Intel AMX machine, while
-    an AMD Zen 5 one decoded bf16 twice as fast (tool/PERFORMANCE.md, round 4), so the CPU default
-    stays fp32 (exact, the same everywhere) and --dtype bf16 or --int8 are the faster choices."""
-    if name != "auto":
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def build_chat(args: argparse.Namespace) -> Chat:

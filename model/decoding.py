@@ -25,6 +25,32 @@ import torch.nn as nn
 from model.model import Attention, EtudeModel, FeedForward
 
 
+def pick_inference_device(name: str) -> torch.device:
+    """--device for inference and evaluation: auto means CUDA, then Apple MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def inference_dtype(device: torch.device, name: str) -> torch.dtype:
+    """Decoding reads every weight per token: on CUDA bf16 halves that. On CPU it depends on the
+    chip: single-row bf16 matmuls were measured slower than fp32 on an Intel AMX machine, while
+    an AMD Zen 5 one decoded bf16 twice as fast (tool/PERFORMANCE.md, round 4), so the CPU default
+    stays fp32 (exact, the same everywhere) and --dtype bf16 or --int8 are the faster choices."""
+    if name != "auto":
+        try:
+            return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        except KeyError:
+            raise ValueError(f"--dtype {name!r} is not one of auto, fp32, bf16, fp16") from None
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 def _concat(layers: list[nn.Linear]) -> nn.Linear:
     """One bias-free linear layer whose outputs are those of `layers`, in order."""
     weight = torch.cat([layer.weight.detach() for layer in layers])

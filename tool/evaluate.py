@@ -41,8 +41,9 @@ import torch
 from tqdm import tqdm
 
 from config import DATA_DIR, LORA_DIR, PRETRAINED_DIR, SFT_DIR
+from model.decoding import inference_dtype, pick_inference_device
 from tool.eval.formats import TaskFileError
-from tool.eval.models import EvalModel, bits_per_byte, load_eval_model, pick_device, pick_dtype
+from tool.eval.models import EvalModel, bits_per_byte, load_eval_model
 from tool.eval.sandbox import network_isolation, run_program
 from tool.eval.tasks import (CHAT_MAX_NEW_TOKENS, CODE_MAX_NEW_TOKENS, DEFAULT_TASKS, Task, build_task,
                              choice_metrics, choice_requests, exact_metrics, exact_prompts, humaneval_program, parse_task_specs,
@@ -199,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             raise PermissionError("the humaneval task runs model-written code; add --allow-code-execution to "
                                   "run it (in a separate process with time, memory and network limits)")
         model_paths = [Path(m) for m in args.models] or default_models()
-        device = pick_device(args.device)
-        dtype = pick_dtype(device, args.dtype)
+        device = pick_inference_device(args.device)
+        dtype = inference_dtype(device, args.dtype)
         tasks = [build_task(name, path, args.data_dir, args.limit) for name, path in specs]
         print(f"evaluating {', '.join(str(p) for p in model_paths)} on {', '.join(t.name for t in tasks)} "
               f"({device}, {str(dtype).removeprefix('torch.')}, batch {args.batch_size}"

@@ -24,28 +24,9 @@ from pathlib import Path
 import torch
 
 from config import ROOT, read_json
+from model.decoding import inference_dtype, pick_inference_device
 
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def pick_dtype(device: torch.device, name: str) -> torch.dtype:
-    """fp32 on CPU (exact, and what lm-eval parity is checked in); bf16 on a CUDA GPU that has it."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-    except KeyError:
-        raise ValueError(f"--dtype {name!r} is not one of auto, fp32, bf16, fp16") from None
 
 
 def folder_kind(folder: Path) -> str:
