@@ -373,10 +373,10 @@ LM_EVAL_SCRIPT = textwrap.dedent("""
     from lm_eval.tasks import TaskManager
     folder, task_dir, out = sys.argv[1:]
     result = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
-                                     tasks=["etude_parity"], device="cpu", batch_size=8, log_samples=True,
+                                     tasks=["etude_continuation"], device="cpu", batch_size=8, log_samples=True,
                                      task_manager=TaskManager(include_path=task_dir, include_defaults=False))
-    scores = result["results"]["etude_parity"]
-    samples = sorted(result["samples"]["etude_parity"], key=lambda s: s["doc_id"])
+    scores = result["results"]["etude_continuation"]
+    samples = sorted(result["samples"]["etude_continuation"], key=lambda s: s["doc_id"])
     json.dump({"acc": scores["acc,none"], "acc_norm": scores["acc_norm,none"],
                "lls": [[r[0][0] for r in s["resps"]] for s in samples]}, open(out, "w"))
 """)
@@ -405,29 +405,10 @@ def test_loglikelihoods_match_lm_eval_hflm(model_dir, hf_dir, texts_file, monkey
 def test_acc_matches_lm_evaluation_harness(model_dir, hf_dir, texts_file, tmp_path):
     """The whole harness: a task YAML over a local JSONL file, lm_eval.simple_evaluate, offline."""
     pytest.importorskip("lm_eval")
-    questions = continuation_task(texts_file, 24, seed=7)
-    data = write_lines(tmp_path / "parity.jsonl", [{"query": q.query, "choices": list(q.choices), "gold": q.gold}
-                                                   for q in questions])
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "etude_parity.yaml").write_text(textwrap.dedent(f"""\
-        task: etude_parity
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {data}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "{{{{query}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: "{{{{gold}}}}"
-        metric_list:
-          - metric: acc
-            aggregation: mean
-            higher_is_better: true
-          - metric: acc_norm
-            aggregation: mean
-            higher_is_better: true
-        """))
+    # the task files that `tool/evaluate.py --lm-eval-tasks DIR` writes, read by lm-eval as they are
+    assert evaluate_main([str(model_dir), "--tasks", f"continuation={texts_file}", "--limit", "24",
+                          "--lm-eval-tasks", str(tmp_path / "tasks")]) == 0
+    data = tmp_path / "tasks" / "etude_continuation.jsonl"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache"), "HF_HOME": str(tmp_path / "hf_home")}
     done = subprocess.run([sys.executable, "-c", LM_EVAL_SCRIPT, str(hf_dir), str(tmp_path / "tasks"),

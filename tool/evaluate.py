@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from config import DATA_DIR, LORA_DIR, PRETRAINED_DIR, SFT_DIR
 from model.decoding import inference_dtype, pick_inference_device
-from tool.eval.formats import TaskFileError
+from tool.eval.formats import TaskFileError, write_lm_eval_task
 from tool.eval.models import EvalModel, bits_per_byte, load_eval_model
 from tool.eval.sandbox import network_isolation, run_program
 from tool.eval.tasks import (CHAT_MAX_NEW_TOKENS, CODE_MAX_NEW_TOKENS, DEFAULT_TASKS, Task, build_task,
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, default=None, help="write report.md and PNG plots to this folder")
     parser.add_argument("--allow-code-execution", action="store_true",
                         help="let the humaneval task run model-written code (sandboxed: time, memory, network)")
+    parser.add_argument("--lm-eval-tasks", type=Path, default=None, metavar="DIR",
+                        help="also write each multiple-choice task as a JSONL file + lm-eval task YAML in DIR, "
+                             "to score the same questions with lm-evaluation-harness")
     parser.add_argument("--bench", action="store_true",
                         help="time batched vs one-by-one log-likelihood scoring on the first multiple-choice task")
     return parser
@@ -206,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluating {', '.join(str(p) for p in model_paths)} on {', '.join(t.name for t in tasks)} "
               f"({device}, {str(dtype).removeprefix('torch.')}, batch {args.batch_size}"
               f"{f', limit {args.limit}' if args.limit else ''})", flush=True)
+        if args.lm_eval_tasks:
+            for task in (t for t in tasks if t.kind == "choice"):
+                name = write_lm_eval_task(task.examples, task.name, args.lm_eval_tasks)
+                print(f"lm-eval task {name} written to {args.lm_eval_tasks}: HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 "
+                      f"lm_eval --model hf --model_args pretrained=FOLDER --include_path {args.lm_eval_tasks} "
+                      f"--tasks {name} --device cpu")
         if args.bench:
             choice = next((t for t in tasks if t.kind == "choice"), None)
             if choice is None:

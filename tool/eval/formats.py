@@ -11,7 +11,8 @@ so a score here means what the same score means there.
 | generic                   | JSONL of {"query", "choices", "gold"}       | query -> choices                       |
 
 Choices are scored as continuations after a single space (lm-eval's target_delimiter). A line
-that cannot be read stops with `file:line` and what is wrong.
+that cannot be read stops with `file:line` and what is wrong. write_lm_eval_task writes any of
+them back as a generic JSONL plus an lm-eval task YAML over it, for checking our scores with lm-eval.
 """
 
 from __future__ import annotations
@@ -217,3 +218,44 @@ def find_official(name: str, data_dir: Path) -> Path | None:
     target = OFFICIAL_FILES[name]
     hits = sorted(p for p in data_dir.rglob(target) if p.is_dir() == (name == "mmlu"))
     return hits[0] if hits else None
+
+
+LM_EVAL_YAML = """\
+# lm-evaluation-harness task over the local file beside it, written by tool/evaluate.py --lm-eval-tasks.
+# Run: HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf --model_args pretrained=FOLDER \\
+#        --include_path {folder} --tasks {task} --device cpu
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_lm_eval_task(questions: list[Choice], name: str, out_dir: Path) -> str:
+    """Write the questions as a generic {"query", "choices", "gold"} JSONL and an lm-eval task YAML
+    that reads it (task name `etude_<name>`), so lm-eval can score exactly what we score. Returns
+    the lm-eval task name."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task = f"etude_{name}"
+    data = out_dir / f"{task}.jsonl"
+    with open(data, "w", encoding="utf-8") as handle:
+        for q in questions:
+            handle.write(json.dumps({"query": q.query, "choices": list(q.choices), "gold": q.gold},
+                                    ensure_ascii=False) + "\n")
+    (out_dir / f"{task}.yaml").write_text(LM_EVAL_YAML.format(folder=out_dir, task=task, data=json.dumps(str(data))),
+                                          encoding="utf-8")
+    return task

@@ -192,7 +192,15 @@ def humaneval_problems() -> list[dict]:
 
 
 def build_task(name: str, path: str | None, data_dir: Path, limit: int | None) -> Task:
-    """One Task from its name (and file, when given). `limit` caps the examples."""
+    """One Task from its name (and file, when given). `limit` caps the examples. A task without
+    examples stops with the file named."""
+    task = _build_task(name, path, data_dir, limit)
+    if not task.examples:
+        raise ValueError(f"task {task.name}: {task.source} holds no examples; give a file with some")
+    return task
+
+
+def _build_task(name: str, path: str | None, data_dir: Path, limit: int | None) -> Task:
     describe = DESCRIPTIONS[name]
     if name == "bpb":
         source = Path(path) if path else PRETRAIN_VAL_DATA
@@ -243,7 +251,7 @@ def _argmax(values: list[float]) -> int:
 
 def exact_metrics(task: Task, replies: list[str]) -> dict[str, float]:
     n = max(len(replies), 1)
-    if task.name == "chat" or isinstance(task.examples[0], ChatQuestion):
+    if isinstance(task.examples[0], ChatQuestion):
         refs = [q.answer for q in task.examples]
         return {"exact_match": sum(normalize_answer(r) == normalize_answer(a) for r, a in zip(replies, refs)) / n,
                 "f1": sum(token_f1(r, a) for r, a in zip(replies, refs)) / n}
