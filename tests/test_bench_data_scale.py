@@ -127,7 +127,7 @@ def test_small_run_end_to_end(tmp_path, capsys):
                        "--json", str(out)])
     assert code == 0, capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert report["ok"] and report["sizes_mb"] == [0.15, 0.3]
+    assert report["ok"] and report["complete"] and report["sizes_mb"] == [0.15, 0.3]
     assert [(r["stage"], r["size_mb"]) for r in report["rows"]] == [
         ("prepare --pretrain", 0.15), ("prepare --sft", 0.15), ("prepare --pretrain", 0.3), ("prepare --sft", 0.3)]
     for r in report["rows"]:

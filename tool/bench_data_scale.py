@@ -73,6 +73,19 @@ def generate(kind: str, path: Path, size_mb: float, seed: int) -> dict:
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "reused": False}
 
 
+def check_disk(work: Path, data: Path, sizes: list[float], keep: bool) -> None:
+    """Stop before starting when the disk cannot hold the inputs still to generate and what the
+    largest size writes (prepared copies of both files and the token caches, about 3x them)."""
+    missing = sum(size for size in sizes for kind in ("pretrain", "sft")
+                  if not (data / f"{kind}_{size_name(size)}mb.jsonl").is_file())
+    outputs = 3 * 2 * (sum(sizes) if keep else max(sizes))
+    need_mb, free_mb = missing + outputs, shutil.disk_usage(work).free / 1e6
+    if need_mb > free_mb:
+        raise SystemExit(f"{work} has {free_mb:,.0f} MB free but this run needs about {need_mb:,.0f} MB "
+                         f"({missing:,.0f} MB of inputs to generate, ~{outputs:,.0f} MB of outputs and caches): "
+                         "free some space, pick a --work-dir on a larger disk, or give smaller --sizes-mb.")
+
+
 def fresh_link(source: Path, folder: Path) -> Path:
     """`source` hard-linked into an empty `folder` under its own name (a copy where the file
     system has no hard links), so that caches written beside it land in `folder`."""
@@ -96,9 +109,24 @@ class Runner:
     """Runs stages as measured child processes and keeps their rows; a stage that failed is not
     run again at a larger size."""
 
-    def __init__(self, args: argparse.Namespace, logs: Path):
-        self.args, self.logs, self.rows = args, logs, []
+    def __init__(self, args: argparse.Namespace, logs: Path, sizes: list[float]):
+        self.args, self.logs, self.sizes, self.rows = args, logs, sizes, []
+        self.generation: list[dict] = []
         self.failed_stages: dict[str, str] = {}
+
+    def save_json(self, complete: bool = False, setup_failed: str = "") -> None:
+        """Every figure so far into --json; written after each run too, so that an interrupted
+        long run keeps what it measured ("complete": false)."""
+        if not self.args.json:
+            return
+        failed = [row for row in self.rows if not row["ok"]]
+        report = {"complete": complete, "ok": complete and not failed and not setup_failed,
+                  "sizes_mb": self.sizes, "stages": self.args.stages, "max_rss_mb": self.args.max_rss_mb,
+                  "floor_mb": own_peak_mb(), "generation": self.generation, "rows": with_growth(self.rows)}
+        self.args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.args.json.with_name(self.args.json.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        tmp.replace(self.args.json)
 
     def run(self, stage: str, size_mb: float | None, command: list, input_path: Path, log_name: str) -> dict:
         """One measured run of `command` (a script under ROOT and its flags); its row, kept in
@@ -120,6 +148,7 @@ class Runner:
             print(f"    last lines of {log}:\n" + log_tail(log), flush=True)
         if size_mb is not None:
             self.rows.append(row)
+            self.save_json()
         return row
 
     def stage(self, stage: str, size_mb: float, command: list, input_path: Path) -> None:
@@ -287,12 +316,11 @@ def run_size(runner: Runner, args: argparse.Namespace, size: float, data: Path, 
         shutil.rmtree(run, ignore_errors=True)
 
 
-def print_report(runner: Runner, args: argparse.Namespace, sizes: list[float], generation: list[dict],
-                 setup_failed: str) -> int:
+def print_report(runner: Runner, args: argparse.Namespace, setup_failed: str) -> int:
     """The generation times, the table, the JSON; the exit status."""
     floor = own_peak_mb()
     print("\ngenerated inputs (reused ones are not timed):")
-    for item in generation:
+    for item in runner.generation:
         timing = "reused" if item["reused"] else f"{item['seconds']:.1f} s, {item['mb_per_s']:.1f} MB/s"
         print(f"  {item['path']}: {item['bytes'] / 1e6:.1f} MB, {timing}")
     print(f"\nthis process: {floor:.0f} MB at its peak (the floor of every peak RSS below); growth = "
@@ -300,11 +328,7 @@ def print_report(runner: Runner, args: argparse.Namespace, sizes: list[float], g
     print(format_table(runner.rows, args.max_rss_mb) if runner.rows else "(no stage ran)")
     failed = [row for row in runner.rows if not row["ok"]]
     if args.json:
-        report = {"sizes_mb": sizes, "stages": args.stages, "max_rss_mb": args.max_rss_mb, "floor_mb": floor,
-                  "generation": generation, "rows": with_growth(runner.rows),
-                  "ok": not failed and not setup_failed}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        runner.save_json(complete=True, setup_failed=setup_failed)
         print(f"\nwrote {args.json}")
     if setup_failed:
         print(f"\nFAILED: {setup_failed}", file=sys.stderr)
@@ -325,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     data, logs = work / "data" / f"seed{args.seed}", work / "logs"
     for folder in (data, logs):
         folder.mkdir(parents=True, exist_ok=True)
-    runner = Runner(args, logs)
-
-    generation = [{"size_mb": size, **generate(kind, data / f"{kind}_{size_name(size)}mb.jsonl", size, args.seed)}
-                  for size in sizes for kind in ("pretrain", "sft")]
+    check_disk(work, data, sizes, args.keep)
+    runner = Runner(args, logs, sizes)
+    generation = runner.generation
+    generation += [{"size_mb": size, **generate(kind, data / f"{kind}_{size_name(size)}mb.jsonl", size, args.seed)}
+                   for size in sizes for kind in ("pretrain", "sft")]
     slice_path = data / f"pretrain_{size_name(args.tokenizer_slice_mb)}mb.jsonl"
     held_out = data / "heldout_1mb.jsonl"  # generated with another seed: text that no tokenizer saw
     if {"tokenizer", "pretrain", "sft"} & set(args.stages):
@@ -346,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                  init_model, setup_failed)
     if not args.keep:
         shutil.rmtree(work / "runs", ignore_errors=True)
-    return print_report(runner, args, sizes, generation, setup_failed)
+    return print_report(runner, args, setup_failed)
 
 
 if __name__ == "__main__":
