@@ -80,7 +80,11 @@ def test_real_markup_leaves_no_debris(wikitext, expected):
     ("[" * 100_001 + "x" + "]" * 100_001 + " End.", "End."),
     ("[[a|" * 30_000 + "]]" * 30_000 + " End.", "End."),
     ("{{" * 50_000 + "\n\nEnd.", "End."),
+    ("{{a\n\n" * 5_000 + "End.", "End."),  # each unclosed template takes its paragraph only
+    ("{|\n\n" * 5_000 + "End.", "End."),
     ("<ref>" * 50_000 + "End.", "End."),
+    ("<nowiki>" * 50_000 + "End.", "End."),
+    ("-{" * 50_000 + " End.", "End."),
 ])
 def test_pathological_brackets_terminate_quickly_and_keep_what_follows(wikitext, tail):
     start = time.perf_counter()

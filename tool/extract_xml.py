@@ -6,19 +6,20 @@
     python tool/extract_xml.py dump.xml --min-chars 500 --max-pages 1000 --skip-bad-lines
 
 Reads .xml, .xml.bz2, .xml.gz (and .xz) as a stream, one page at a time, so memory stays flat
-however large the dump; UTF-8, or UTF-16/UTF-32 with a byte-order mark. Keeps articles only: redirects and pages outside --namespaces (default
-0, the articles) are skipped. Wikitext is cleaned to plain text: templates {{...}} (nested),
-<ref> notes, tables {| ... |}, files and images, categories, links to other languages, HTML
-comments, galleries, formulas and other markup are removed; [[target|label]] becomes label,
-[[target]] target and [url label] label, with brackets paired as MediaWiki pairs them (a file
-caption may hold links and single brackets: Bicyclo[1.1.0]butane; a link label may hold a
-wikilink); <nowiki> text stays as written; bold and italic marks go; headings stay as plain lines
-(those of sections that end up empty are dropped). Broken markup costs at most its paragraph: an
-unclosed template or file link takes the text up to the next blank line, an unclosed <ref> or
-link is left as text, and no input makes the cleaning slower than linear. The names of the File and
-Category namespaces are read from the dump itself, so localised dumps (e.g. Chinese) are cleaned
-the same way; Chinese variant markup -{zh-hans:...;zh-hant:...}- keeps the simplified text.
-Articles shorter than --min-chars after cleaning are dropped.
+however large the dump; UTF-8, or UTF-16/UTF-32 with a byte-order mark. Keeps articles only:
+redirects and pages outside --namespaces (default 0, the articles) are skipped. Wikitext is
+cleaned to plain text: templates {{...}} (nested), <ref> notes, tables {| ... |}, files and
+images, categories, links to other languages, HTML comments, galleries, formulas and other markup
+are removed; [[target|label]] becomes label, [[target]] target and [url label] label, with
+brackets paired as MediaWiki pairs them (a file caption may hold links and single brackets, as in
+Bicyclo[1.1.0]butane; a link label may hold a wikilink); <nowiki> text stays as written; bold and
+italic marks go; headings stay as plain lines (those of sections that end up empty are dropped).
+Broken markup costs at most its paragraph: an unclosed template or file link takes the text up to
+the next blank line, an unclosed <ref> or link is left as text, and no input makes the cleaning
+slower than linear. The names of the File and Category namespaces are read from the dump itself,
+so localised dumps (e.g. Chinese) are cleaned the same way; Chinese variant markup
+-{zh-hans:...;zh-hant:...}- keeps the simplified text. Articles shorter than --min-chars after
+cleaning are dropped.
 
 Writes --out (default training_data/<dump name>.jsonl, or .jsonl.gz), atomically, and prints
 counts at the end. Feed it to `python tool/prepare_data.py --pretrain FILE`, or to
@@ -26,8 +27,8 @@ counts at the end. Feed it to `python tool/prepare_data.py --pretrain FILE`, or 
 
 Malformed XML (a cut-off download, say) stops with file:line and the column; with
 --skip-bad-lines the pages read before it are kept and the next input goes on. Bytes that are not
-UTF-8 (or UTF-16), or characters XML forbids, stop at their line too; with --skip-bad-lines only the page
-holding them is skipped.
+UTF-8 (or UTF-16), or characters XML forbids, stop at their line too; with --skip-bad-lines only
+the page holding them is skipped.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import html
+import itertools
 import re
 import sys
 from pathlib import Path
@@ -60,7 +62,7 @@ DROPPED_NAMESPACE_KEYS = {"6", "14", "-2"}
 COMMENT = re.compile(r"<!--.*?(?:-->|\Z)", re.S)
 # <nowiki>: its text shows as written. Its markup characters become character references
 # (which html.unescape turns back after the last markup step), so no step reads them as markup.
-NOWIKI = re.compile(r"<nowiki\s*>(.*?)</nowiki\s*>", re.S | re.I)
+NOWIKI = re.compile(r"<nowiki\s*>((?:[^<]|<(?!/?nowiki\b))*)</nowiki\s*>", re.I)
 NOWIKI_EMPTY = re.compile(r"<nowiki\s*/>", re.I)
 MARKUP_CHARACTER = re.compile(r"[\[\]{}|'<>=_~*#:;!-]")
 # Elements whose content is not prose: notes, galleries, formulas, code, maps.
@@ -75,7 +77,9 @@ LINE_BREAK_TAG = re.compile(r"<br\s*/?>", re.I)
 HTML_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*\b[^<>]*>")
 TEMPLATE_BRACES = re.compile(r"\{\{|\}\}")
 TABLE_MARKS = re.compile(r"^[ \t]*(\{\||\|\})", re.M)
-VARIANT = re.compile(r"-\{(.*?)\}-", re.S)
+# Neither this nor the element patterns above can run past the next opening of their kind, so
+# a page full of unclosed ones costs linear time, not a scan to the end for each.
+VARIANT = re.compile(r"-\{((?:[^-}]|-(?!\{)|\}(?!-))*)\}-")
 VARIANT_FLAGS = re.compile(r"^\s*([A-Za-z;\-+ ]{1,10})\|")
 VARIANT_PREFERENCE = ("zh-hans", "zh-cn", "zh-sg", "zh-my", "zh", "zh-hant", "zh-tw", "zh-hk", "zh-mo")
 BRACKETS = re.compile(r"\[+|\]+")
@@ -112,24 +116,33 @@ codecs.register_error(MARK_ERRORS, lambda exc: (BAD_CHARACTER, exc.end))
 def strip_nested(text: str, marks: re.Pattern, opener: str) -> str:
     """Remove every balanced region between an opening and a closing mark (nesting counted).
     A stray closing mark is dropped; an opening mark that is never closed removes the text up to
-    the end of its paragraph (a blank line), so one broken template does not eat the article."""
-    out, depth, start, outer = [], 0, 0, 0
-    for match in marks.finditer(text):
-        if match.group(1 if marks.groups else 0).strip() == opener:
+    the end of its paragraph (a blank line), so one broken template does not eat the article,
+    and the text after that is read afresh. Whether a mark is ever closed is known from the
+    running count of marks, so the work stays linear however many are broken."""
+    found = [(match.start(), match.end(), match.group(1 if marks.groups else 0).strip() == opener)
+             for match in marks.finditer(text)]
+    if not found:
+        return text
+    # open marks minus closing marks up to each mark, and the lowest that count gets from there on:
+    # the region opened at mark i closes iff the count later falls back to its value before i
+    count_after = list(itertools.accumulate(1 if is_open else -1 for _, _, is_open in found))
+    lowest_from = list(itertools.accumulate(reversed(count_after), min))[::-1]
+    out, depth, start, skip_to = [], 0, 0, 0
+    for i, (begin, end, is_open) in enumerate(found):
+        if begin < skip_to:
+            continue
+        if depth:
+            depth += 1 if is_open else -1
             if depth == 0:
-                out.append(text[start:match.start()])
-                outer = match.start()
-            depth += 1
-        elif depth:
-            depth -= 1
-            if depth == 0:
-                start = match.end()
-        else:  # a closing mark with nothing open
-            out.append(text[start:match.start()])
-            start = match.end()
-    if depth:
-        end = text.find("\n\n", outer)
-        return "".join(out) + ("" if end < 0 else strip_nested(text[end:], marks, opener))
+                start = end
+            continue
+        out.append(text[start:begin])
+        start = end  # a stray closing mark goes
+        if is_open and lowest_from[i] < count_after[i]:
+            depth = 1
+        elif is_open:  # never closed: its paragraph goes
+            paragraph_end = text.find("\n\n", begin)
+            start = skip_to = paragraph_end if paragraph_end >= 0 else len(text)
     out.append(text[start:])
     return "".join(out)
 

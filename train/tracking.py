@@ -80,7 +80,7 @@ class WandbTracker(Tracker):
             self.run = wandb.init(project="etude", name=out_dir.name, dir=str(out_dir), config=run_config,
                                   id=run_id, resume="allow" if run_id else None)
         except wandb.errors.Error as exc:
-            raise ConfigError(f"--tracker wandb could not start a run: {exc} Log in with `wandb login`, or set "
+            raise ConfigError(f"--tracker wandb could not start a run ({exc}); log in with `wandb login`, or set "
                               "WANDB_MODE=offline to keep the run on disk (upload it later with `wandb sync`), "
                               "or drop --tracker") from None
         id_file.write_text(self.run.id + "\n", encoding="utf-8")
