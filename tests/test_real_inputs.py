@@ -132,6 +132,19 @@ def test_extract_xml_reads_dumps_with_a_byte_order_mark(tmp_path, encoding, mark
         assert read_jsonl(out) == EXPECTED_ARTICLES
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_a_mark_is_recognised_by_its_zero_bytes(tmp_path, encoding):
+    dump = tmp_path / "wiki.xml"
+    dump.write_bytes(crafted_dump().encode(encoding))
+    out = tmp_path / "out.jsonl"
+    assert extract_xml.main([str(dump), "--out", str(out), "--min-chars", "20", "--no-progress"]) == 0
+    assert read_jsonl(out) == EXPECTED_ARTICLES
+    lines = tmp_path / "docs.jsonl"
+    lines.write_bytes('{"text": "ünïcode 中文"}\n'.encode(encoding))
+    assert cut_jsonl.main([str(lines), "--out-dir", str(tmp_path), "--name", "kept", "--no-progress"]) == 0
+    assert read_jsonl(tmp_path / "kept.jsonl") == [{"text": "ünïcode 中文"}]
+
+
 def test_utf16_converted_in_pieces_that_split_characters(tmp_path, monkeypatch):
     """UTF-16 is converted to UTF-8 a piece at a time: pieces of 7 bytes split code units and
     surrogate pairs (the emoji), and the text still comes out whole."""

@@ -106,7 +106,8 @@ class Reader:
     def _decode_byte_order_mark(self) -> None:
         """A text that starts with a byte-order mark is read in the encoding the mark names
         (the mark itself dropped): UTF-8 as it is, UTF-16 and UTF-32 converted to UTF-8 on the
-        fly, so every tool reads UTF-8 bytes. A text without a mark is UTF-8."""
+        fly, so every tool reads UTF-8 bytes. A text without a mark is UTF-8, unless its first
+        two characters are plainly ASCII in UTF-16 (every other byte zero): then UTF-16."""
         try:
             head = self.stream.peek(4)[:4]
         except COMPRESSED_ERRORS:  # a corrupt compressed file: the first read reports it, at its line
@@ -114,10 +115,12 @@ class Reader:
         for mark, encoding in BYTE_ORDER_MARKS:
             if head.startswith(mark):
                 self.stream.read(len(mark))
-                if encoding != "utf-8":
-                    self.encoding = encoding.upper()
-                    self.stream = io.BufferedReader(ToUtf8(self.stream, encoding), buffer_size=TRANSCODE_BYTES)
-                return
+                break
+        else:
+            encoding = unmarked_encoding(head)
+        if encoding != "utf-8":
+            self.encoding = encoding.upper()
+            self.stream = io.BufferedReader(ToUtf8(self.stream, encoding), buffer_size=TRANSCODE_BYTES)
 
     def undecodable(self, data: bytes, exc: UnicodeDecodeError) -> tuple[str, str]:
         """(kind, detail) of a bad-line report on `data`, which did not decode as UTF-8 with `exc`."""
@@ -150,6 +153,17 @@ class Reader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def unmarked_encoding(head: bytes) -> str:
+    """The encoding of a text without a byte-order mark, from its first four bytes: UTF-16 (LE
+    or BE) when they are two ASCII characters in it, each with a zero byte (how "<?" or '{"' start
+    a UTF-16 file), else UTF-8."""
+    if len(head) == 4 and all(0 < byte < 0x80 for byte in head[0::2]) and head[1] == head[3] == 0:
+        return "utf-16-le"
+    if len(head) == 4 and all(0 < byte < 0x80 for byte in head[1::2]) and head[0] == head[2] == 0:
+        return "utf-16-be"
+    return "utf-8"
 
 
 class ToUtf8(io.RawIOBase):
