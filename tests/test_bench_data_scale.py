@@ -76,7 +76,7 @@ def test_synthetic_cli_refuses_a_bad_size(tmp_path, capsys):
 def test_run_measured_sees_the_peak_and_kills_runaways(tmp_path):
     grow = "import time; block = bytearray(120_000_000); block[::4096] = b'x' * len(block[::4096]); time.sleep(0.5)"
     result = run_measured([sys.executable, "-c", grow], tmp_path / "a.log")
-    assert result["rc"] == 0 and not result["stopped"]
+    assert result["rc"] == 0 and not result["stopped"] and result["cpu_seconds"] > 0
     assert result["peak_rss_mb"] >= result["polled_hwm_mb"] > 110
     killed = run_measured([sys.executable, "-c", grow.replace("0.5", "30")], tmp_path / "b.log", kill_above_mb=60)
     assert killed["rc"] != 0 and "memory limit" in killed["stopped"] and killed["seconds"] < 20
@@ -85,7 +85,8 @@ def test_run_measured_sees_the_peak_and_kills_runaways(tmp_path):
 
 
 def row(stage: str, size_mb: float, seconds: float, **extra) -> dict:
-    return {"stage": stage, "size_mb": size_mb, "mb": size_mb, "seconds": seconds, "mb_per_s": size_mb / seconds,
+    return {"stage": stage, "size_mb": size_mb, "mb": size_mb, "seconds": seconds, "cpu_seconds": seconds / 2,
+            "mb_per_s": size_mb / seconds,
             "peak_rss_mb": 100.0, "polled_hwm_mb": 99.0, "rc": 0, "stopped": "", "over_limit": False, "ok": True,
             "log": "x.log", **extra}
 
@@ -97,6 +98,7 @@ def test_growth_is_time_ratio_over_size_ratio():
     assert growth[("a", 1)] is None
     assert growth[("a", 2)] == pytest.approx(1.0)  # twice the data, twice the time: linear
     assert growth[("a", 4)] == pytest.approx(2.0)  # twice the data, four times the time
+    assert [r["cpu_growth"] for r in with_growth(rows) if r["stage"] == "a"][1:] == pytest.approx([1.0, 2.0])
     assert growth[("b", 3)] is None and growth[("b", 6)] is None  # no ratio against a failed run
 
 
@@ -107,7 +109,7 @@ def test_table_lists_every_run_with_its_problem():
     lines = format_table(rows, max_rss_mb=4000).splitlines()
     assert lines[0].split()[:4] == ["stage", "size", "MB", "input"]
     assert [line.split()[0] for line in lines[1:]] == ["prepare", "prepare", "sft", "sft"]
-    assert lines[1].split()[2] == "1" and lines[2].split()[-1] == "1.00"
+    assert lines[1].split()[2] == "1" and lines[2].split()[-2:] == ["1.00", "1.00"]
     assert "peak RSS over --max-rss-mb 4000" in lines[3]
     assert "skipped: failed at 1 MB" in lines[4]
 
@@ -131,7 +133,8 @@ def test_small_run_end_to_end(tmp_path, capsys):
     assert [(r["stage"], r["size_mb"]) for r in report["rows"]] == [
         ("prepare --pretrain", 0.15), ("prepare --sft", 0.15), ("prepare --pretrain", 0.3), ("prepare --sft", 0.3)]
     for r in report["rows"]:
-        assert r["rc"] == 0 and r["seconds"] > 0 and r["peak_rss_mb"] > 0 and 0.1 < r["mb"] <= r["size_mb"]
+        assert r["rc"] == 0 and r["seconds"] > 0 and r["cpu_seconds"] > 0 and r["peak_rss_mb"] > 0
+        assert 0.1 < r["mb"] <= r["size_mb"]
     assert report["rows"][2]["growth"] > 0
     assert "growth" in capsys.readouterr().out
     assert not (tmp_path / "work" / "runs").exists(), "outputs go away after the run"

@@ -6,12 +6,14 @@ pretraining and SFT JSONL of growing size, so that super-linear growth shows at 
 
 For each size, tool/synthetic_data.py writes a pretraining file ({"text"} lines) and an SFT file
 ({"conversations"} lines: single- and multi-turn, system prompts, a few long ones) into
---work-dir/data/seed<N>/, once: later runs reuse them (a smaller file is a prefix of a larger one). Then
-each stage runs in its own process on them, and the table gives per stage and size: seconds,
-MB/s of its input, its peak resident memory (tool/measure.py: ru_maxrss, and VmHWM polled every
-50 ms) and "growth": (time / previous size's time) / (size / previous size) — 1.0 is linear, and
-2.0 at each doubling means the time grows with the square of the size. At small sizes the fixed
-cost of a stage (starting Python, importing torch, building the model) keeps growth below 1.
+--work-dir/data/seed<N>/, once: later runs reuse them (a smaller file is a prefix of a larger
+one). Then each stage runs in its own process on them, and the table gives per stage and size:
+seconds, MB/s of its input, CPU seconds (all threads), its peak resident memory (tool/measure.py:
+ru_maxrss, and VmHWM polled every 50 ms) and "growth": (time / previous size's time) / (size /
+previous size) — 1.0 is linear, and 2.0 at each doubling means the time grows with the square of
+the size; "CPU growth" is the same for CPU time, which other work on a shared machine sways less.
+At small sizes the fixed cost of a stage (starting Python, importing torch, building the model,
+its first step) keeps growth below 1.
 
   prepare --pretrain / --sft   tool/prepare_data.py validating and splitting the file
   tokenizer                    train/train_tokenizer.py all on the pretraining file, its memory
@@ -142,7 +144,8 @@ class Runner:
                "command": ["python", *command]}
         row["over_limit"] = row["peak_rss_mb"] > self.args.max_rss_mb
         row["ok"] = row["rc"] == 0 and not row["over_limit"]
-        print(f"    {row['seconds']:.1f} s, {row['mb_per_s']:.2f} MB/s, peak RSS {row['peak_rss_mb']:.0f} MB"
+        print(f"    {row['seconds']:.1f} s ({row['cpu_seconds']:.1f} s CPU), {row['mb_per_s']:.2f} MB/s, "
+              f"peak RSS {row['peak_rss_mb']:.0f} MB"
               + ("" if row["ok"] else f"  <- {problem(row, self.args.max_rss_mb)}"), flush=True)
         if row["rc"]:
             print(f"    last lines of {log}:\n" + log_tail(log), flush=True)
@@ -178,16 +181,19 @@ def problem(row: dict, max_rss_mb: float) -> str:
 
 
 def with_growth(rows: list[dict]) -> list[dict]:
-    """Each row with `growth`: its time over the same stage's time at the previous size, divided
-    by the ratio of the input sizes (1.0: linear); None for the smallest size or a failed run."""
+    """Each row with `growth`: its wall time over the same stage's time at the previous size,
+    divided by the ratio of the input sizes (1.0: linear), and `cpu_growth`, the same for CPU time;
+    None for the smallest size or against a failed run."""
     previous: dict[str, dict] = {}
     out = []
-    for row in sorted(rows, key=lambda r: (r["size_mb"] or 0)):
+    for row in sorted(rows, key=lambda r: r["size_mb"]):
         before = previous.get(row["stage"])
-        growth = None
-        if before is not None and row.get("ok") and before.get("ok") and before["mb"] > 0 and before["seconds"] > 0:
-            growth = (row["seconds"] / before["seconds"]) / (row["mb"] / before["mb"])
-        out.append({**row, "growth": growth})
+        growth = {"growth": None, "cpu_growth": None}
+        if before is not None and row["ok"] and before["ok"]:
+            for key, seconds in (("growth", "seconds"), ("cpu_growth", "cpu_seconds")):
+                if before[seconds] > 0:
+                    growth[key] = (row[seconds] / before[seconds]) / (row["mb"] / before["mb"])
+        out.append({**row, **growth})
         previous[row["stage"]] = row
     return out
 
@@ -197,17 +203,17 @@ def format_table(rows: list[dict], max_rss_mb: float) -> str:
     order = list(dict.fromkeys(row["stage"] for row in rows))
     rows = sorted(with_growth(rows), key=lambda r: (order.index(r["stage"]), r["size_mb"]))
     width = max([len(r["stage"]) for r in rows] + [5])
-    lines = [f"{'stage':<{width}} {'size MB':>8} {'input MB':>9} {'s':>8} {'MB/s':>7} {'peak RSS MB':>11} "
-             f"{'VmHWM MB':>9} {'growth':>7}"]
+    lines = [f"{'stage':<{width}} {'size MB':>8} {'input MB':>9} {'s':>8} {'MB/s':>7} {'CPU s':>8} "
+             f"{'peak RSS MB':>11} {'VmHWM MB':>9} {'growth':>7} {'CPU growth':>10}"]
     for r in rows:
         if r.get("skipped"):
             lines.append(f"{r['stage']:<{width}} {size_name(r['size_mb']):>8} {'':>9} {'-':>8}  {r['skipped']}")
             continue
-        growth = "" if r["growth"] is None else f"{r['growth']:.2f}"
+        growth, cpu_growth = ("" if value is None else f"{value:.2f}" for value in (r["growth"], r["cpu_growth"]))
         note = problem(r, max_rss_mb)
         lines.append(f"{r['stage']:<{width}} {size_name(r['size_mb']):>8} {r['mb']:>9.1f} {r['seconds']:>8.1f} "
-                     f"{r['mb_per_s']:>7.2f} {r['peak_rss_mb']:>11.0f} {r['polled_hwm_mb']:>9.0f} {growth:>7}"
-                     + (f"  <- {note}" if note else ""))
+                     f"{r['mb_per_s']:>7.2f} {r['cpu_seconds']:>8.1f} {r['peak_rss_mb']:>11.0f} "
+                     f"{r['polled_hwm_mb']:>9.0f} {growth:>7} {cpu_growth:>10}" + (f"  <- {note}" if note else ""))
     return "\n".join(lines)
 
 
@@ -324,7 +330,8 @@ def print_report(runner: Runner, args: argparse.Namespace, setup_failed: str) ->
         timing = "reused" if item["reused"] else f"{item['seconds']:.1f} s, {item['mb_per_s']:.1f} MB/s"
         print(f"  {item['path']}: {item['bytes'] / 1e6:.1f} MB, {timing}")
     print(f"\nthis process: {floor:.0f} MB at its peak (the floor of every peak RSS below); growth = "
-          "(time / time at the previous size) / (size / previous size), 1.0 = linear\n")
+          "(time / time at the previous size) / (size / previous size), 1.0 = linear; CPU growth: the same "
+          "for CPU time\n")
     print(format_table(runner.rows, args.max_rss_mb) if runner.rows else "(no stage ran)")
     failed = [row for row in runner.rows if not row["ok"]]
     if args.json:

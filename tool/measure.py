@@ -44,7 +44,8 @@ def own_peak_mb() -> float:
 def run_measured(command: list[str], log: Path, cwd: Path | str | None = None, timeout_s: float = 0,
                  kill_above_mb: float = 0) -> dict:
     """Run `command` with its stdout and stderr going to `log`; return its exit status (`rc`),
-    wall `seconds`, `peak_rss_mb` (ru_maxrss) and `polled_hwm_mb` (VmHWM), and `stopped`: why it
+    wall `seconds`, `cpu_seconds` (user + system, all its threads: less swayed than wall time by
+    other work on a shared machine), `peak_rss_mb` (ru_maxrss) and `polled_hwm_mb` (VmHWM), and `stopped`: why it
     was killed, if it was — after `timeout_s` seconds, or once its resident memory passed
     `kill_above_mb` (0: no such limit), so that a runaway child cannot take a shared machine down."""
     start = time.perf_counter()
@@ -66,5 +67,6 @@ def run_measured(command: list[str], log: Path, cwd: Path | str | None = None, t
             time.sleep(POLL_S)
     process.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait for it again
     seconds = time.perf_counter() - start
-    return {"rc": process.returncode, "seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
+    return {"rc": process.returncode, "seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": usage.ru_maxrss / 1024,
             "polled_hwm_mb": polled / 1024, "stopped": stopped, "log": str(log)}
