@@ -314,7 +314,10 @@ def run_size(runner: Runner, args: argparse.Namespace, size: float, data: Path, 
                 runner.skip(f"{name} {temperature}", size, f"skipped: {setup_failed}")
             continue
         linked = fresh_link(source, run / name)  # its caches start cold, beside it, and go with `run`
-        command = [script, "--preset", "tiny", "--data", linked, "--val-data", "none", "--max-steps", 1, *start,
+        # Pretraining validates on held-out text, so its whole-stream statistic (the unigram
+        # baseline, counted over every training token) is part of what is measured.
+        val = fresh_link(held_out, run / name / "val") if name == "pretrain" else "none"
+        command = [script, "--preset", "tiny", "--data", linked, "--val-data", val, "--max-steps", 1, *start,
                    "--out-dir", run / name / "model", "--no-resume", "--device", args.device]
         runner.stage(f"{name} cold", size, command, linked)
         runner.stage(f"{name} warm", size, command, linked)
