@@ -10,9 +10,9 @@ non-ASCII (accented Latin, Cyrillic, Greek, CJK, a few emoji), numbers, quotes a
 (so JSON escaping is exercised).
 sft: {"conversations": [{"role": "system|user|assistant", "content": ...}, ...]} per line. About
 60% single-turn, the rest 2-6 exchanges; ~30% open with a system prompt (from a pool of 64, a few
-long); messages of log-normal length (user median ~20 words, assistant ~70), and 1% of
-conversations carry a long message (a pasted document or a long answer, 2k-12k words). So most
-single-turn chats fit a 256-token window and get packed, most multi-turn ones do not.
+long); messages of log-normal length (user median ~15 words, assistant ~50: Alpaca-like), and
+1% of conversations carry a long message (a pasted document or a long answer, 2k-12k words). So
+most single-turn chats fit a 256-token window and get packed, most multi-turn ones do not.
 
 Words are sampled with numpy a chunk (~4 MB of text) at a time and written in large writes, so
 generation runs at tens of MB/s and its memory does not depend on --mb. The output is a function
@@ -155,8 +155,8 @@ def sft_chunks(seed: int) -> Iterator[list[str]]:
         has_system = rng.random(count) < 0.3
         long_message = rng.random(count) < 0.01
         n_messages = (2 * exchanges).tolist()
-        user_lengths = lognormal_lengths(rng, int(exchanges.sum()), median=20, sigma=1.0, low=1, high=2000)
-        reply_lengths = lognormal_lengths(rng, int(exchanges.sum()), median=70, sigma=1.0, low=1, high=3000)
+        user_lengths = lognormal_lengths(rng, int(exchanges.sum()), median=15, sigma=1.0, low=1, high=2000)
+        reply_lengths = lognormal_lengths(rng, int(exchanges.sum()), median=50, sigma=1.0, low=1, high=3000)
         first = np.cumsum(exchanges) - exchanges  # index of each conversation's first exchange
         long_at = first[long_message]
         long_lengths = rng.integers(2000, 12_000, len(long_at))
