@@ -8,12 +8,12 @@ import codecs
 import gzip
 import json
 import time
-from pathlib import Path
 
 import pytest
 
 from tool import cut_jsonl, cut_txt, extract_xml
-from tool.extract_xml import CATEGORY_NAMESPACES, FILE_NAMESPACES, clean_wikitext
+from tool.extract_xml import CATEGORY_NAMESPACES, FILE_NAMESPACES
+from tool.wikitext import clean_wikitext
 
 from tests.test_data_tools import EXPECTED_ARTICLES, SITEINFO, crafted_dump, page, read_jsonl
 
