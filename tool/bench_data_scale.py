@@ -19,7 +19,8 @@ its first step) keeps growth below 1.
   tokenizer                    train/train_tokenizer.py all on the pretraining file, its memory
                                cap at --tokenizer-max-mb (validation reads the whole file)
   pretrain cold / warm         train/train_pretrain.py --preset tiny --max-steps 1: the token cache
-                               built beside the file, then the first step; warm: run again, cache kept
+                               built beside the file, the unigram baseline over it, the first step
+                               and two evaluations on a 1 MB held-out file; warm: again, cache kept
   sft cold / warm              train/train_sft.py --preset tiny --max-steps 1 from a tiny model,
                                loading (and caching, where train/data.py does) the conversations
 

@@ -15,7 +15,8 @@ long); messages of log-normal length (user median ~15 words, assistant ~50: Alpa
 most single-turn chats fit a 256-token window and get packed, most multi-turn ones do not.
 
 Words are sampled with numpy a chunk (~4 MB of text) at a time and written in large writes, so
-generation runs at tens of MB/s and its memory does not depend on --mb. The output is a function
+generation runs at 10-20 MB/s on one busy core and its memory (~250 MB at most) does not depend
+on --mb. The output is a function
 of (kind, seed) alone: a smaller file is a prefix of a larger one with the same seed. The file
 holds whole lines only and stops at the last line that fits in --mb (it is written to <out>.part,
 then renamed).
