@@ -101,6 +101,8 @@ def test_wandb_offline_writes_its_run_and_continues_it_on_resume(corpus, tiny_to
     args = run_args(corpus, tiny_tokenizer_dir, out, "--tracker", "wandb", "--max-steps", "20")
     assert pretrain_main([*args, "--stop-at-step", "10"]) == 0
     assert pretrain_main(args) == 0
+    import wandb
+    wandb.teardown()  # the runs' records are written by W&B's service process: wait for it, as exit does
     run_id = (out / "wandb" / "etude_run_id").read_text().strip()
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(run.name.endswith("-" + run_id) for run in runs)  # one run, continued
