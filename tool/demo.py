@@ -33,8 +33,11 @@ QUESTIONS = ("What is the name of the nearest major galaxy to the Milky Way?", "
 # rehearsed chats, so the adapter should leave its answer as it was.
 LORA_QUESTIONS = ("What is your name?", "Who was the only US President to resign?")
 LORA_NAME = "identity"
-# Examples per task in the demo's evaluation: enough to tell the models apart, ~1-2 minutes on 2 cores.
-EVAL_LIMIT = 100
+# Examples per task in the demo's evaluation. Greedy answers to the chat and synthetic questions are
+# most of its time (100 per task took 7.6 CPU-minutes for the three models); 50 keeps it to a few
+# minutes, at a standard error of about 6 points on an accuracy: python tool/evaluate.py without
+# --limit measures them all.
+EVAL_LIMIT = 50
 
 
 def stage_commands(preset: str) -> list[tuple[str, list[str]]]:

@@ -32,7 +32,7 @@ KNOWN = ("bpb", "chat", "humaneval", "mc", *CHOICE_TASKS, *SYNTHETIC_KINDS)
 TARGET_DELIMITER = " "      # between a multiple-choice prompt and each choice, as lm-eval puts it
 SYNTHETIC_COUNT = 100      # problems per synthetic task unless --limit says otherwise
 CONTINUATION_CHOICES = 4
-CHAT_MAX_NEW_TOKENS = 96
+CHAT_MAX_NEW_TOKENS = 64
 CODE_MAX_NEW_TOKENS = 256
 # HumanEval's usual stop sequences: a completion ends where the next top-level statement begins.
 CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
