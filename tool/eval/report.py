@@ -9,7 +9,7 @@ import math
 import time
 from pathlib import Path
 
-CURVES = (("loss", "training loss"), ("val_bpb", "validation bits per byte"), ("lr", "learning rate"))
+CURVES = (("loss", "training loss"), ("val_bpb", "validation bits per byte (each run's own data)"), ("lr", "learning rate"))
 
 
 def read_metrics(folder: Path) -> list[dict]:
