@@ -423,3 +423,15 @@ def test_acc_matches_lm_evaluation_harness(model_dir, hf_dir, texts_file, tmp_pa
         ours = choice_metrics(task.examples, lls)
         assert abs(ours["acc"] - theirs["acc"]) < 1e-6 and abs(ours["acc_norm"] - theirs["acc_norm"]) < 1e-6
         assert all(row == pytest.approx(want, abs=1e-4) for row, want in zip(lls, theirs["lls"]))
+
+
+def test_demo_evaluates_the_models_it_trained():
+    from config import LORA_DIR, PRETRAINED_DIR, ROOT, SFT_DIR
+    from tool.demo import LORA_NAME, evaluate_command
+    from tool.evaluate import build_parser
+
+    command = evaluate_command()
+    assert command[0] == "tool/evaluate.py"
+    args = build_parser().parse_args(command[1:])
+    assert [ROOT / m for m in args.models] == [PRETRAINED_DIR, SFT_DIR, LORA_DIR / LORA_NAME]
+    assert args.limit and args.report == Path("weight/report")
