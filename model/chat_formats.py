@@ -205,7 +205,12 @@ def to_conversation(obj: Any) -> list[dict[str, str]]:
         raise Rejected(f'no "conversations" or "messages" field (keys: {sorted(obj)})')
     fmt = detect(obj)
     if fmt in ("alpaca", "sharegpt", "qa"):
-        messages, _, _ = convert(obj, fmt, None)
+        try:
+            messages, _, _ = convert(obj, fmt, None)
+        except ValueError as exc:  # validate_messages' verdict (Rejected is one too, and passes as it is)
+            if isinstance(exc, Rejected):
+                raise
+            raise Rejected(str(exc)) from None
         return messages
     key = "messages" if fmt == "openai" else "conversations"
     messages = obj[key]

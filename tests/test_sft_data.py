@@ -4,10 +4,13 @@ the fly, JSON array files redirected, byte-order marks decoded."""
 
 import codecs
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from config import ROOT
 from model.chat_formats import to_conversation
 from model.model import IGNORE_INDEX
 from model.tokenizer import load_tokenizer
@@ -113,7 +116,10 @@ def test_cache_is_reused_then_rebuilt_when_source_tokenizer_or_files_change(toke
     build_sft_cache(path, tokenizer)
     assert "rendered" not in capsys.readouterr().out  # reused
     load_sft_data(path, tokenizer, seq_len=64, verbose=False)
-    assert (folder / "pack-64.npz").is_file()
+    [pack] = folder.glob("pack-v*-64.npz")
+    pack.write_bytes(b"PK damaged")  # a damaged packing plan is made again, not a crash
+    assert len(load_sft_data(path, tokenizer, seq_len=64, verbose=False)) > 0
+    assert pack.stat().st_size > 100
 
     write_chats(path, CHATS, repeat=6)  # the source grew
     assert len(build_sft_cache(path, tokenizer)) == 24
@@ -197,3 +203,29 @@ def test_text_with_a_byte_order_mark_is_decoded(tokenizer, tmp_path, encoding):
         want, meta = build_token_cache(plain, tokenizer, verbose=False)
         got, _ = build_token_cache(marked, tokenizer, verbose=False)
         assert got.tolist() == want.tolist() and meta["n_documents"] == 2
+
+
+def test_ranks_building_one_cache_at_once_wait_for_each_other(tiny_tokenizer_dir, tmp_path):
+    """torchrun starts a process per rank and each loads the data: one builds, the others wait
+    and map the same cache."""
+    path = tmp_path / "chats.jsonl"
+    write_chats(path, CHATS, repeat=400)
+    code = ("import sys; from model.tokenizer import load_tokenizer; from train.sft_data import build_sft_cache\n"
+            f"tokens = build_sft_cache({str(path)!r}, load_tokenizer({str(tiny_tokenizer_dir)!r}), verbose=False)\n"
+            "print(len(tokens), int(tokens.lengths.sum()))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err for _, err in results]
+    assert len({out for out, _ in results}) == 1 and results[0][0].split()[0] == "1600"
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_text_that_is_not_text_is_named_in_every_shape(tokenizer, tmp_path, shape):
+    record = json.loads(json.dumps(SHAPES[shape][0]).replace("Hello", "\\ud800Hello").replace("5", "\\ud8005"))
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(SHAPES[shape][0]) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: .*lone surrogate"):
+        load_sft_data(path, tokenizer, 64, verbose=False)
+    assert len(build_sft_cache(path, tokenizer, skip_bad_lines=True, verbose=False)) == 1

@@ -10,7 +10,7 @@ in parallel batches, into a folder beside it, `<source>.sft-tokens/`:
     lengths.bin    uint32, tokens per conversation (their running sum locates each one)
     trained.bin    uint32, trained tokens per conversation (for the summary line)
     meta.json      what the cache was built from; a changed source or tokenizer rebuilds it
-    pack-<L>.npz   the packing for windows of L + 1 tokens, computed once per window size
+    pack-v<V>-<L>.npz  the packing for windows of L + 1 tokens, computed once per window size
 
 So memory holds the packing plan (a few bytes per conversation), never the tokens, and a 7 GB
 file costs what its pages cost. Packing is best-fit decreasing over rooms kept in buckets:
@@ -19,10 +19,12 @@ near-linear where first-fit by rescanning every window was quadratic.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import time
+import zipfile
 from bisect import bisect_left, insort
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +39,7 @@ from model.tokenizer import EtudeTokenizer
 from train.data import DataError, _skipped_note, read_jsonl, token_dtype, tokenizer_hash, source_fingerprint
 
 SFT_CACHE_VERSION = 1
+PACK_VERSION = 1  # of pack_windows: a changed packing must not reuse old plans
 # A render batch is flushed at this many conversations or characters: big enough that the
 # tokenizer's threads stay busy, small enough that the batch's Python lists stay a few MB.
 RENDER_BATCH_CONVERSATIONS = 2000
@@ -130,9 +133,13 @@ def build_sft_cache(source: Path | str, tokenizer: EtudeTokenizer, skip_bad_line
     folder = sft_cache_dir(source)
     wanted = {"version": SFT_CACHE_VERSION, "source": source_fingerprint(source),
               "tokenizer": tokenizer_hash(tokenizer)}
-    meta = _read_meta(folder / "meta.json")
-    if meta is None or any(meta.get(k) != v for k, v in wanted.items()) or not _cache_is_whole(folder, meta):
-        meta = _write_sft_cache(source, tokenizer, folder, wanted, skip_bad_lines, verbose)
+    # One builder at a time (torchrun starts one process per rank, each loading the data): the
+    # others wait here, then find the finished cache and map it.
+    with open(folder.with_name(folder.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = _read_meta(folder / "meta.json")
+        if meta is None or any(meta.get(k) != v for k, v in wanted.items()) or not _cache_is_whole(folder, meta):
+            meta = _write_sft_cache(source, tokenizer, folder, wanted, skip_bad_lines, verbose)
     return ConversationTokens.open(folder, meta)
 
 
@@ -146,9 +153,10 @@ def _read_meta(path: Path) -> dict | None:
 def _write_sft_cache(source: Path, tokenizer: EtudeTokenizer, folder: Path, wanted: dict,
                      skip_bad_lines: bool, verbose: bool) -> dict:
     """Render every conversation in one streaming pass into a staging folder, then swap it in:
-    an interrupted build leaves the old cache (or none), never half of one."""
+    an interrupted build leaves the old cache (or none), never half of one. Called under the
+    cache's lock, so a staging folder found here was left by a killed build."""
     dtype = token_dtype(tokenizer.vocab_size)
-    for stale in folder.parent.glob(folder.name + ".tmp-*"):  # left by a killed build
+    for stale in folder.parent.glob(folder.name + ".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     staging = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     staging.mkdir(parents=True)
@@ -200,7 +208,7 @@ def _write_sft_cache(source: Path, tokenizer: EtudeTokenizer, folder: Path, want
         meta = {**wanted, "dtype": np.dtype(dtype).name, **totals, "skipped_lines": report.get("skipped", 0),
                 "build_seconds": round(seconds, 3)}
         atomic_write_json(staging / "meta.json", meta)
-        _swap_in(staging, folder, meta)
+        _swap_in(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if verbose:
@@ -213,14 +221,9 @@ def _write_sft_cache(source: Path, tokenizer: EtudeTokenizer, folder: Path, want
     return meta
 
 
-def _swap_in(staging: Path, folder: Path, meta: dict) -> None:
-    """Put the finished staging folder in place of the old cache. Another process (a torchrun
-    rank) may have put an equal one there first: then keep that."""
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Put the finished staging folder in place of the old cache."""
     if folder.exists():
-        theirs = _read_meta(folder / "meta.json")
-        if theirs is not None and all(theirs.get(k) == meta[k] for k in ("version", "source", "tokenizer")) \
-                and _cache_is_whole(folder, theirs):
-            return
         retired = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-old")
         os.replace(folder, retired)
         shutil.rmtree(retired, ignore_errors=True)
@@ -270,13 +273,13 @@ def cached_packing(tokens: ConversationTokens, width: int) -> tuple[np.ndarray, 
     """pack_windows() of a cache, stored in it (pack-<seq_len>.npz) after the first time."""
     if tokens.folder is None:
         return pack_windows(tokens.lengths, width)
-    path = tokens.folder / f"pack-{width - 1}.npz"
+    path = tokens.folder / f"pack-v{PACK_VERSION}-{width - 1}.npz"
     try:
         with np.load(path) as saved:
             members, starts = saved["members"], saved["starts"]
         if len(members) == len(tokens) and starts[-1] == len(tokens):
             return members, starts
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # missing or damaged: packed anew
         pass
     members, starts = pack_windows(tokens.lengths, width)
 
