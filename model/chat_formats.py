@@ -202,7 +202,9 @@ def to_conversation(obj: Any) -> list[dict[str, str]]:
         raise Rejected('expected an object {"conversations": [...]} or {"messages": [...]}')
     if not any(key in obj for key in ("conversations", "messages", "instruction")) \
             and not any(q in obj and a in obj for q, a in QA_KEYS):
-        raise Rejected(f'no "conversations" or "messages" field (keys: {sorted(obj)})')
+        raise Rejected(f'no "conversations" or "messages" field (keys: {sorted(obj)}); expected an object '
+                       'with "conversations": {"conversations": [{"role": "user", "content": "..."}, ...]}, or '
+                       'an Alpaca, ShareGPT, OpenAI or question/answer record')
     fmt = detect(obj)
     if fmt in ("alpaca", "sharegpt", "qa"):
         try:

@@ -220,3 +220,26 @@ def test_compressed_inputs(tmp_path):
         handle.write("".join(json.dumps({"conversations": chat(i)}) + "\n" for i in range(20)))
     assert prepare_main(["--sft", str(packed), "--out-dir", str(tmp_path / "out")]) == 0
     assert len(read_jsonl(tmp_path / "out" / "sft.jsonl")) + len(read_jsonl(tmp_path / "out" / "sft.val.jsonl")) == 20
+
+
+def test_oversized_buckets_are_split_and_killed_runs_cleaned_up(tmp_path, monkeypatch):
+    """A bucket that outgrew its size (compressed input) is scattered again, so memory stays
+    bounded, and every record still lands once; buckets of a killed run are removed."""
+    import gzip
+    import tool.prepare_data as prepare_data
+    monkeypatch.setattr(prepare_data, "BUCKET_BYTES", 3000)
+    packed = tmp_path / "docs.jsonl.gz"  # ~100 kB of text, a few kB on disk: one bucket of ~33 parts
+    with gzip.open(packed, "wt", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps({"text": f"document {i:05d} " + "same words " * 8}) + "\n" for i in range(1000)))
+    stale = tmp_path / ".out.prepare-999999999-abc"
+    stale.mkdir()
+    (stale / "0.jsonl").write_text("old copy")
+    read_sizes = []
+    original = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read_sizes.append(self.stat().st_size) or original(self))
+    assert prepare_main(["--pretrain", str(packed), "--out-dir", str(tmp_path / "out")]) == 0
+    assert max(read_sizes) <= 2 * 3000 and len(read_sizes) > 10
+    out = tmp_path / "out"
+    texts = [r["text"] for r in read_jsonl(out / "pretrain.jsonl") + read_jsonl(out / "pretrain.val.jsonl")]
+    assert sorted(texts) == sorted(f"document {i:05d} " + "same words " * 8 for i in range(1000))
+    assert not stale.exists()

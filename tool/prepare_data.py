@@ -275,14 +275,17 @@ class LineChecker:
 
     def __init__(self, skip_bad_lines: bool):
         self.skip_bad_lines = skip_bad_lines
-        self.skipped: list[str] = []
+        self.n_skipped = 0
+        self.first_skipped: list[str] = []  # the first five, for the report (a count for the rest)
 
     def bad(self, path: Path, lineno: int, problem: str) -> None:
         message = f"{path}:{lineno}: {problem}"
         if not self.skip_bad_lines:
             raise DataError(f"{message}. Fix the line, or pass --skip-bad-lines to skip bad lines "
                             "(they are counted and reported).")
-        self.skipped.append(message)
+        self.n_skipped += 1
+        if len(self.first_skipped) < 5:
+            self.first_skipped.append(message)
 
     def lines(self, path: Path) -> Iterator[tuple[int, str]]:
         """(line number, text) of every line that is UTF-8, newline removed."""
@@ -297,9 +300,15 @@ class LineChecker:
 
     def json_objects(self, path: Path) -> Iterator[tuple[int, Any]]:
         """(line number, parsed value) of every non-blank line that is valid JSON."""
+        first = True
         for lineno, line in self.lines(path):
             if not line.strip():
                 continue
+            if first and line.lstrip().startswith("["):
+                raise DataError(f"{path}:{lineno}: this file is one JSON array, not JSONL (one object per line); "
+                                f"convert it with `python tool/cut_jsonl_sft.py {path}` (chats) or "
+                                f"`python tool/cut_jsonl.py {path}` (documents), then pass the .jsonl it writes")
+            first = False
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
@@ -347,18 +356,13 @@ def read_sft_file(path: Path, checker: LineChecker) -> Iterator[list[dict[str, s
                         '"content": ...}, ...]} per line; convert other files (a .json array, Alpaca, '
                         f'ShareGPT) with `python tool/cut_jsonl_sft.py {path}`')
     for lineno, obj in checker.json_objects(path):
-        if isinstance(obj, dict) and "conversations" not in obj and "messages" not in obj \
-                and "instruction" not in obj:
-            checker.bad(path, lineno, 'expected an object with "conversations" (or "messages"): '
-                                      '{"conversations": [{"role": "user", "content": "..."}, ...]}')
-            continue
         try:
             messages = to_conversation(obj)
         except Rejected as exc:
             checker.bad(path, lineno, rejection_text(exc))
             continue
-        if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
-            checker.bad(path, lineno, "every assistant message is empty")
+        if any(not m["content"].strip() for m in messages if m["role"] == "assistant"):
+            checker.bad(path, lineno, "an assistant message is empty")  # training would stop on it
             continue
         yield messages
 
@@ -366,14 +370,14 @@ def read_sft_file(path: Path, checker: LineChecker) -> Iterator[list[dict[str, s
 def read_user_files(paths: list[Path], reader, checker: LineChecker, what: str) -> Iterator[Any]:
     """The records of every file in turn, streamed; prints each file's count when it is done."""
     for path in paths:
-        before, count = len(checker.skipped), 0
+        before, count = checker.n_skipped, 0
         for record in reader(path, checker):
             count += 1
             yield record
-        skipped = len(checker.skipped) - before
+        skipped = checker.n_skipped - before
         print(f"  {path}: {count:,} {what}" + (f", {skipped:,} bad lines skipped" if skipped else ""))
-    if checker.skipped:
-        print("  first skipped lines:\n    " + "\n    ".join(checker.skipped[:5]))
+    if checker.first_skipped:
+        print("  first skipped lines:\n    " + "\n    ".join(checker.first_skipped))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,17 +495,39 @@ class ShuffleBuckets:
                 handle.close()
         return self
 
+    def shuffled_lines(self, path: Path) -> Iterator[bytes]:
+        """The lines of a bucket file in random order, then the file removed. A bucket that came
+        out over twice BUCKET_BYTES (a compressed input holds more than its size on disk) is
+        scattered again into parts of BUCKET_BYTES first, so memory stays bounded."""
+        size = path.stat().st_size
+        if size <= 2 * BUCKET_BYTES:
+            lines = path.read_bytes().splitlines(keepends=True)
+            path.unlink()
+            self.rng.shuffle(lines)
+            yield from lines
+            return
+        parts = [path.with_name(f"{path.stem}.{k}.jsonl") for k in range(-(-size // BUCKET_BYTES))]
+        handles = [open(part, "wb") for part in parts]
+        try:
+            with open(path, "rb") as source:
+                for line in source:
+                    handles[self.rng.randrange(len(parts))].write(line)
+        finally:
+            for handle in handles:
+                handle.close()
+        path.unlink()
+        for part in parts:
+            yield from self.shuffled_lines(part)
+
     def write_split(self, train_path: Path, val_path: Path, n_val: int) -> None:
         """Both files written under temporary names and renamed into place once complete."""
         def write(train_tmp: str, val_tmp: str) -> None:
-            left = n_val
             with open(train_tmp, "wb") as train, open(val_tmp, "wb") as val:
+                written = 0
                 for b in range(self.n_buckets):
-                    lines = (self.folder / f"{b}.jsonl").read_bytes().splitlines(keepends=True)
-                    self.rng.shuffle(lines)
-                    val.writelines(lines[:left])
-                    train.writelines(lines[left:])
-                    left -= min(left, len(lines))
+                    for line in self.shuffled_lines(self.folder / f"{b}.jsonl"):
+                        (val if written < n_val else train).write(line)
+                        written += 1
 
         atomic_write(train_path, lambda train_tmp: atomic_write(val_path, lambda val_tmp: write(train_tmp, val_tmp)))
         for path, count in ((train_path, self.total - n_val), (val_path, n_val)):
@@ -547,6 +573,18 @@ def write_demo_corpus(args: argparse.Namespace) -> None:
     write_jsonl(out / LORA_IDENTITY_FILE, [{"conversations": m} for m in lora_identity(args.seed, train)])
 
 
+def remove_stale_buckets(out: Path) -> None:
+    """Remove the shuffle buckets of an earlier run that was killed (its process is gone): they
+    hold a whole copy of its inputs."""
+    for folder in out.parent.glob(f".{out.name}.prepare-*-*"):
+        try:
+            os.kill(int(folder.name.rsplit(".prepare-", 1)[1].split("-")[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, PermissionError):  # not ours to judge
+            continue
+
+
 def write_user_files(args: argparse.Namespace) -> None:
     """Your files, streamed: every line checked and scattered into shuffle buckets (both kinds
     of data before anything is written, so a bad line leaves the outputs as they were), then
@@ -555,7 +593,8 @@ def write_user_files(args: argparse.Namespace) -> None:
     checker = LineChecker(args.skip_bad_lines)
     out = args.out_dir
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=out.parent))
+    remove_stale_buckets(out)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-{os.getpid()}-", dir=out.parent))
     try:
         plans = []
         if args.pretrain:
