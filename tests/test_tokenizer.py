@@ -209,3 +209,25 @@ def test_the_cap_samples_the_whole_file_not_its_head(tmp_path, capsys):
                                  "--max-mb", str(budget / 1e6)]) == 0
     assert re.search(r"trained on 0\.\d MB of text sampled from 0\.\d MB of files .* peak memory \d+\.\d\d GB",
                      capsys.readouterr().out)
+
+
+def test_chat_shapes_and_the_sample_size(tmp_path, capsys):
+    """The tokenizer reads every chat shape that SFT reads, and under --max-mb its sample comes
+    near the budget in text bytes (JSON syntax does not count)."""
+    path = tmp_path / "mixed.jsonl"
+    lines = []
+    for i in range(600):
+        lines.append({"instruction": f"task {i} " + "do it well " * 5, "output": "done " * 10})
+        lines.append({"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": "hello " * 12}]})
+        lines.append({"messages": [{"role": "developer", "content": "be kind"}, {"role": "user", "content": "x " * 9},
+                                   {"role": "assistant", "content": "y " * 20}]})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    from train.train_tokenizer import iter_texts, sampled_texts
+    texts = list(iter_texts(path))
+    assert len(texts) == 1800 and texts[1].startswith("hi 0\nhello")
+    text_bytes = sum(len(t.encode()) for t in texts)
+    sample = list(sampled_texts([path], text_bytes // 2, seed=3, text_bytes={path: text_bytes}))
+    assert 0.8 * text_bytes / 2 <= sum(len(t.encode()) for t in sample) <= text_bytes / 2 + 200
+    assert train_tokenizer_main(["all", "--data", str(path), "--val-data", str(path), "--out-dir",
+                                 str(tmp_path / "tok"), "--vocab-size", "300", "--max-mb", str(text_bytes / 2e6)]) == 0
+    assert "sampled from" in capsys.readouterr().out

@@ -41,6 +41,7 @@ from config import (ENDOFTEXT, IM_END, IM_START, PRETRAIN_DATA, PRETRAIN_VAL_DAT
 from model.checkpoint import atomic_write, atomic_write_json
 from model.tokenizer import (CHAT_TEMPLATE, TOKENIZER_FILE, EtudeTokenizer, load_tokenizer,
                              validate_messages)
+from model.chat_formats import Rejected, to_conversation
 from train.data import DataError, iter_documents, read_jsonl
 
 STEPS = ("validate", "train", "hf", "test")
@@ -77,44 +78,61 @@ class StepFailed(Exception):
 # Inputs
 
 
+def _messages(obj: dict) -> list[dict]:
+    """The messages of a conversation line: our own shape as it is (any roles' order, with or
+    without a reply), else any shape that SFT training reads (Alpaca, ShareGPT, OpenAI, Q&A).
+    Raises ValueError naming the fault."""
+    messages = obj.get("conversations", obj.get("messages"))
+    try:
+        validate_messages(messages)
+        return messages
+    except ValueError as exc:
+        ours = str(exc) if messages is not None else None
+    try:
+        return to_conversation(obj)
+    except Rejected:
+        raise ValueError(ours or 'expected {"text": ...}, {"conversations": [{"role": ..., "content": ...}, ...]} '
+                                 "or another chat shape that train_sft.py reads (Alpaca, ShareGPT, OpenAI, "
+                                 "question/answer)") from None
+
+
 def _text_or_conversation_problem(obj: object) -> str | None:
     if isinstance(obj, dict) and isinstance(obj.get("text"), str):
         return None if obj["text"].strip() else '"text" is empty'
-    if isinstance(obj, dict):
-        messages = obj.get("conversations", obj.get("messages"))
-        if messages is not None:
-            try:
-                validate_messages(messages)
-            except ValueError as exc:
-                return str(exc)
-            return None
-    return 'expected {"text": ...} or {"conversations": [{"role": ..., "content": ...}, ...]}'
+    if not isinstance(obj, dict):
+        return 'expected {"text": ...} or {"conversations": [{"role": ..., "content": ...}, ...]}'
+    try:
+        _messages(obj)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def iter_texts(path: Path) -> Iterator[str]:
     """The text of a data file: documents of a .txt or {"text"} .jsonl file, and every message
-    content of a {"conversations"} / {"messages"} .jsonl file. A bad line stops with file:line."""
+    content of a conversation (any shape that SFT training reads). A bad line stops with file:line."""
     if path.suffix == ".txt":
         yield from iter_documents(path)
         return
     for _, obj in read_jsonl(path, validate=_text_or_conversation_problem):
-        if "text" in obj:
-            yield obj["text"]
-        else:
-            yield "\n".join(m["content"] for m in obj.get("conversations", obj.get("messages")))
+        yield obj["text"] if "text" in obj else "\n".join(m["content"] for m in _messages(obj))
 
 
-def sampled_texts(paths: list[Path], max_bytes: int | None, seed: int = 42) -> Iterator[str]:
+def sampled_texts(paths: list[Path], max_bytes: int | None, seed: int = 42,
+                  text_bytes: dict[Path, int] | None = None) -> Iterator[str]:
     """Texts of all files; with a cap, each file gives a share proportional to its size, as a
     seeded random sample of its texts from the whole file (each kept with probability share /
-    file size, stopping at the share), so a file sorted by source or date is still sampled
-    evenly. Under the cap, every text is taken."""
+    bytes of text in the file, stopping at the share), so a file sorted by source or date is
+    still sampled evenly. The bytes of text come from `text_bytes` (what the validate step
+    counted) or else the file's size, which holds JSON syntax too and so samples a little under
+    the share. Under the cap, every text is taken."""
     sizes = [p.stat().st_size for p in paths]
     total = sum(sizes) or 1
     rng = random.Random(f"etude-tokenizer:{seed}")
     for path, size in zip(paths, sizes):
         budget = None if max_bytes is None else max_bytes * size / total
-        keep = 1.0 if budget is None else min(1.0, budget / max(size, 1))
+        in_file = (text_bytes or {}).get(path, size)
+        keep = 1.0 if budget is None else min(1.0, budget / max(in_file, 1))
         used = 0
         for text in iter_texts(path):
             if budget is not None and used >= budget:
@@ -146,6 +164,7 @@ def step_validate(args: argparse.Namespace) -> None:
         if not n_texts:
             raise StepFailed(f"{path} holds no text; fill it, or rebuild it with `{PREPARE_COMMAND}`")
         print(f"  {path}: {n_texts:,} texts, {n_bytes / 1e6:.1f} MB")
+        args.text_bytes[path] = n_bytes  # the train step's sample is drawn against it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +194,7 @@ def step_train(args: argparse.Namespace) -> None:
             yield text
 
     start = time.perf_counter()
-    tokenizer.train_from_iterator(counted(sampled_texts(args.data, max_bytes, args.seed)), trainer)
+    tokenizer.train_from_iterator(counted(sampled_texts(args.data, max_bytes, args.seed, args.text_bytes)), trainer)
     seconds = time.perf_counter() - start
     EtudeTokenizer(tokenizer)  # checks that the special tokens took ids 0, 1, 2
     vocab_size = tokenizer.get_vocab_size()
@@ -331,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.max_mb = args.max_mb or None
+    args.text_bytes = {}
     min_vocab = 256 + len(SPECIAL_TOKENS) + 1
     try:
         if args.vocab_size < min_vocab:
