@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from config import ROOT, read_json
-from model.decoding import inference_dtype, pick_inference_device
 
 ADAPTER_CONFIG = "adapter_config.json"
 
