@@ -229,3 +229,21 @@ def test_text_that_is_not_text_is_named_in_every_shape(tokenizer, tmp_path, shap
     with pytest.raises(DataError, match=r"bad.jsonl:2: .*lone surrogate"):
         load_sft_data(path, tokenizer, 64, verbose=False)
     assert len(build_sft_cache(path, tokenizer, skip_bad_lines=True, verbose=False)) == 1
+
+
+def test_unigram_baseline_in_chunks_read_from_the_cache_file(tmp_path, monkeypatch):
+    """The whole-stream statistic gives the same figure when read in pieces from the file as when
+    computed on the stream in memory at once."""
+    import train.data as data
+    rng = np.random.default_rng(0)
+    token_bytes = rng.integers(0, 6, 300).astype(np.float64)
+    train, val = rng.zipf(1.5, 50_000).clip(0, 299).astype(np.uint16), rng.integers(0, 300, 5_000).astype(np.uint16)
+    counts = np.bincount(train, minlength=300) + 1.0
+    log_probs = np.log2(counts / counts.sum())
+    want = -log_probs[val].sum() / token_bytes[val].sum()
+    path = tmp_path / "tokens.bin"
+    train.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint16, mode="r", shape=(len(train),))
+    monkeypatch.setattr(data, "STATISTICS_CHUNK", 7_001)
+    assert [len(c) for c in data.stream_chunks(mapped, 20_000)] == [20_000, 20_000, 10_000]
+    assert data.unigram_bits_per_byte(mapped, val, token_bytes) == pytest.approx(want, rel=1e-12)

@@ -311,18 +311,32 @@ def load_pretrain_data(path: Path | str, tokenizer: EtudeTokenizer, seq_len: int
 STATISTICS_CHUNK = 1 << 24  # tokens per pass over a stream: 16M ids, 128 MB as int64
 
 
+def stream_chunks(stream: np.ndarray, size: int | None = None) -> Iterator[np.ndarray]:
+    """A token stream in pieces of `size` ids. A memory-mapped cache is read from its file
+    rather than through the mapping, so a pass over all of it leaves no pages resident in this
+    process: its memory stays one piece (default STATISTICS_CHUNK ids), whatever the size of
+    the cache."""
+    filename = getattr(stream, "filename", None)
+    size = size or STATISTICS_CHUNK
+    for start in range(0, len(stream), size):
+        count = min(size, len(stream) - start)
+        if filename is not None:
+            yield np.fromfile(filename, dtype=stream.dtype, count=count,
+                              offset=stream.offset + start * stream.dtype.itemsize)
+        else:
+            yield np.asarray(stream[start:start + count])
+
+
 def unigram_bits_per_byte(train: np.ndarray, val: np.ndarray, token_bytes: np.ndarray) -> float:
     """Bits per byte of the best context-free model: each token's frequency in the training
     stream (add-one smoothed), scored on the validation stream. A trained model should land far
-    below it. Both streams are read in chunks, so a memory-mapped cache of any size costs
-    STATISTICS_CHUNK ids of memory at a time."""
+    below it. Both streams are read in chunks (stream_chunks)."""
     counts = np.ones(len(token_bytes), dtype=np.float64)
-    for start in range(0, len(train), STATISTICS_CHUNK):
-        counts += np.bincount(train[start:start + STATISTICS_CHUNK], minlength=len(token_bytes))
+    for chunk in stream_chunks(train):
+        counts += np.bincount(chunk, minlength=len(token_bytes))
     log_probs = np.log2(counts / counts.sum())
     total_bits = total_bytes = 0.0
-    for start in range(0, len(val), STATISTICS_CHUNK):
-        chunk = np.asarray(val[start:start + STATISTICS_CHUNK])
+    for chunk in stream_chunks(val):
         total_bits -= float(log_probs[chunk].sum())
         total_bytes += float(token_bytes[chunk].sum())
     return total_bits / max(total_bytes, 1)
