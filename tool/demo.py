@@ -1,6 +1,6 @@
 """The whole pipeline on the bundled demo data, one stage after another:
 
-    python tool/demo.py                  # tiny preset: about 10 minutes on 2 CPU cores
+    python tool/demo.py                  # tiny preset: about 13 minutes on 2 CPU cores
     python tool/demo.py --preset small   # the same at ~26M parameters (for a GPU)
 
 prepare data -> train the tokenizer -> pretrain -> supervised fine-tuning -> chat -> LoRA (a small
