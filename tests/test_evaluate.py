@@ -151,7 +151,7 @@ def test_cli_reports_malformed_task_file(tmp_path, model_dir, capsys):
     assert "unknown task 'nonsense'" in capsys.readouterr().err
     assert evaluate_main([str(model_dir), "--tasks", "hellaswag", "--data-dir", str(tmp_path)]) == 2
     assert "no hellaswag_val.jsonl under --data-dir" in capsys.readouterr().err
-    assert evaluate_main([str(tmp_path / "missing")]) == 2
+    assert evaluate_main([str(tmp_path / "missing"), "--tasks", "arithmetic"]) == 2
     assert "model folder not found" in capsys.readouterr().err
     assert evaluate_main([str(model_dir), "--tasks", "humaneval"]) == 2
     assert "--allow-code-execution" in capsys.readouterr().err
