@@ -64,10 +64,13 @@ def text_lines(path: Path) -> Iterator[tuple[int, bytes]]:
 
 
 def read_jsonl(path: Path | str, skip_bad_lines: bool = False, validate=None,
-               report: dict | None = None, array_hint: str | None = None) -> Iterator[tuple[int, object]]:
+               report: dict | None = None, array_hint: str | None = None,
+               convert=None) -> Iterator[tuple[int, object]]:
     """Yield (line number, parsed object) from a JSONL file. Blank lines are ignored. A line
-    that is not JSON, or that `validate(obj)` rejects (by returning an error string), stops
-    with file:line; with skip_bad_lines it is counted in report["skipped"] instead. A file that
+    that is not JSON, or that `validate(obj)` rejects (by returning an error string), or that
+    `convert(obj)` refuses (by raising ValueError; what it returns is yielded instead of the
+    object), stops with file:line; with skip_bad_lines it is counted in report["skipped"]
+    instead. A file that
     is one JSON array rather than JSONL stops at once, with `array_hint` ({path} and {stem}
     filled in) saying what to do."""
     path = Path(path)
@@ -87,10 +90,14 @@ def read_jsonl(path: Path | str, skip_bad_lines: bool = False, validate=None,
         try:
             obj = json.loads(raw.decode("utf-8"))
             problem = validate(obj) if validate else None
+            if convert is not None and not problem:
+                obj = convert(obj)
         except UnicodeDecodeError as exc:
             problem = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
         except json.JSONDecodeError as exc:
             problem = f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
+        except ValueError as exc:  # convert's verdict
+            problem = str(exc)
         if problem:
             message = _bad_line(path, lineno, problem)
             if not skip_bad_lines:

@@ -46,24 +46,26 @@ RENDER_BATCH_CONVERSATIONS = 2000
 RENDER_BATCH_CHARS = 1 << 22
 
 
-def _conversation_problem(obj: object) -> str | None:
+def _as_conversation(obj: object) -> list[dict]:
+    """The messages of one SFT line, or ValueError saying why the line is not a conversation."""
     try:
         messages = to_conversation(obj)
     except Rejected as exc:
-        return rejection_text(exc)
+        raise ValueError(rejection_text(exc)) from None
     if any(not m["content"].strip() for m in messages if m["role"] == "assistant"):
-        return "an assistant message is empty"
-    return None
+        raise ValueError("an assistant message is empty")
+    return messages
 
 
 def read_conversations(path: Path | str, skip_bad_lines: bool = False,
                        report: dict | None = None) -> Iterator[list[dict]]:
     """Conversations of an SFT JSONL file as role/content messages. Our own shape
     ({"conversations": [...]} or {"messages": [...]}) and the common ones (Alpaca, ShareGPT,
-    OpenAI messages with a "developer" role) are read line by line; a JSON array file is refused
-    with the command that converts it."""
-    for _, obj in read_jsonl(path, skip_bad_lines, _conversation_problem, report, array_hint=_ARRAY_HINT):
-        yield to_conversation(obj)
+    OpenAI messages with a "developer" role) are read line by line, each converted once; a JSON
+    array file is refused with the command that converts it."""
+    for _, messages in read_jsonl(path, skip_bad_lines, report=report, array_hint=_ARRAY_HINT,
+                                  convert=_as_conversation):
+        yield messages
 
 
 _ARRAY_HINT = ("this file is one JSON array, not JSONL (one object per line). Convert it once with "
