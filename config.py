@@ -214,7 +214,13 @@ class TrainConfig:
     on_nan: str = "skip"
     # Experiment tracking beside metrics.jsonl (train/tracking.py): none, tensorboard or wandb.
     tracker: str = "none"
-    sample_prompt: str = "The "
+    # Which model the out-dir receives at the end: "best", the evaluation with the lowest
+    # validation loss (train/best_model.py), or "last", the final step's. Without validation
+    # data both are the last step's.
+    keep: str = "best"
+    # No trailing space: byte-level BPE attaches a space to the word after it, so "The " ends in
+    # a lone space token that the model has rarely seen.
+    sample_prompt: str = "The"
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -265,6 +271,8 @@ class TrainConfig:
             out.append(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         if self.on_nan not in ("skip", "stop"):
             out.append(f"on_nan must be skip or stop, got {self.on_nan!r}")
+        if self.keep not in ("best", "last"):
+            out.append(f"keep must be best or last, got {self.keep!r}")
         if self.tracker not in TRACKERS:
             out.append(f"tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
         return out
@@ -283,7 +291,7 @@ class TrainConfig:
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": dict(stage="pretrain", data=str(PRETRAIN_DATA), val_data=str(PRETRAIN_VAL_DATA),
                      out_dir=str(PRETRAINED_DIR), init_from=None, batch_size=16, lr=3e-4, epochs=3,
-                     sample_prompt="The "),
+                     sample_prompt="The"),
     "sft": dict(stage="sft", data=str(SFT_DATA), val_data=str(SFT_VAL_DATA), out_dir=str(SFT_DIR),
                 init_from=str(PRETRAINED_DIR), batch_size=8, lr=3e-5, epochs=3, warmup_steps=20,
                 sample_prompt="Hello! Who are you?"),

@@ -43,7 +43,7 @@ def test_pretraining_learns_and_saves_a_model_folder(corpus, tiny_tokenizer_dir,
     evals = [r for r in records if "val_bpb" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 60
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
-    assert all("tokens_per_sec" in r and "mfu" in r for r in records if "loss" in r)
+    assert all("tokens_per_sec" in r for r in records if "loss" in r)
     umask = os.umask(0)
     os.umask(umask)
     for path in (out, out / "checkpoint", out / "model.safetensors", out / "checkpoint" / "model.safetensors"):

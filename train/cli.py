@@ -76,6 +76,9 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
         help="a step with a NaN/inf loss or gradient is never applied; skip: count it and go on (10 in a "
              "row stop the run), stop: end the run at once with exit status 2; either way the last "
              "checkpoint is kept (default skip)")
+    add("--keep", choices=["best", "last"],
+        help="the model the out-dir receives at the end: best, the evaluation with the lowest validation loss "
+             "(kept in <out-dir>/best/ as the run goes), or last, the final step's (default best)")
     add("--tracker", choices=TRACKERS,
         help="also send the scalars of metrics.jsonl to TensorBoard (<out-dir>/tensorboard/) or Weights & Biases "
              "(WANDB_MODE=offline keeps the run in <out-dir>/wandb/); neither is installed by default (default none)")
@@ -89,7 +92,7 @@ def train_config_from_args(stage: str, args: argparse.Namespace) -> TrainConfig:
         "warmup_steps", "weight_decay", "grad_clip", "epochs", "max_steps", "seq_len", "device", "dtype",
         "resume", "eval_every", "eval_batches", "save_every", "log_every", "seed", "compile", "fsdp",
         "skip_bad_lines", "on_nan", "optimizer", "muon_lr", "muon_weight_decay", "schedule", "min_lr_ratio",
-        "cooldown_frac", "cooldown", "stop_at_step", "tracker")}
+        "cooldown_frac", "cooldown", "stop_at_step", "tracker", "keep")}
     if flags["val_data"] is not None and flags["val_data"].lower() == "none":
         flags["val_data"] = ""
     for name in ("data", "val_data", "out_dir", "init_from", "tokenizer_dir"):
