@@ -55,6 +55,10 @@ def _reject_unknown(cls: type, data: dict[str, Any], what: str) -> None:
         )
 
 
+# The mixture-of-experts fields of EtudeConfig: they mean nothing unless use_moe is on.
+MOE_FIELDS = ("n_experts", "top_k", "n_shared_experts", "aux_loss_coef", "norm_topk_prob")
+
+
 @dataclass
 class EtudeConfig:
     """Shape of an Etude decoder. Saved as config.json beside the weights; the model is rebuilt
@@ -142,6 +146,10 @@ class EtudeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def applicable(self) -> dict[str, Any]:
+        """The fields that shape this model, for printing: a dense model has no expert settings."""
+        return {k: v for k, v in self.to_dict().items() if self.use_moe or k not in MOE_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EtudeConfig":
@@ -279,6 +287,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def applicable(self) -> dict[str, Any]:
+        """The settings this run uses, for printing: Muon's only with --optimizer muon, the
+        cool-down's only with --schedule wsd."""
+        unused = set()
+        if self.optimizer != "muon":
+            unused |= {"muon_lr", "muon_weight_decay"}
+        if self.schedule != "wsd":
+            unused |= {"cooldown_frac", "cooldown"}
+        if self.stop_at_step is None:
+            unused.add("stop_at_step")
+        return {k: v for k, v in self.to_dict().items() if k not in unused}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":

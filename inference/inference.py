@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +37,8 @@ from model.model import EtudeModel
 from model.tokenizer import EtudeTokenizer, load_tokenizer, not_text, validate_messages
 
 COMMANDS = "/reset forgets the conversation, /system TEXT sets the system prompt, /quit leaves"
+# A line like "/word ..." is a command; "//..." sends the text from its second slash on.
+COMMAND = re.compile(r"/([A-Za-z]\w*)(?:\s+(.*))?", re.DOTALL)
 
 
 class Chat:
@@ -253,17 +256,24 @@ def interactive(chat: Chat, system: str | None) -> None:
         text = line.strip()
         if not text:
             continue
-        if text in ("/quit", "/exit"):
-            return
-        if text == "/reset":
-            history = history[:1] if history and history[0]["role"] == "system" else []
-            print("(conversation reset)")
+        command = COMMAND.fullmatch(text)
+        if command:
+            name, argument = command.group(1).lower(), (command.group(2) or "").strip()
+            if name in ("quit", "exit"):
+                return
+            if name == "reset":
+                history = history[:1] if history and history[0]["role"] == "system" else []
+                print("(conversation reset)")
+            elif name == "system":
+                system = argument or None
+                history = [{"role": "system", "content": system}] if system else []
+                print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)")
+            else:
+                print(f"(unknown command /{command.group(1)}: {COMMANDS}; "
+                      "to send a message that starts with /, type it as //...)")
             continue
-        if text.startswith("/system"):
-            system = text[len("/system"):].strip() or None
-            history = [{"role": "system", "content": system}] if system else []
-            print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)")
-            continue
+        if text.startswith("//"):
+            line = line.replace("/", "", 1)
         history.append({"role": "user", "content": line})
         print("etude> ", end="", flush=True)
         pieces = []

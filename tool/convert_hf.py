@@ -169,22 +169,31 @@ def verify(hf_folder: Path, model: EtudeModel, tokenizer: EtudeTokenizer | None,
     if not diff <= tolerance:
         failures.append(f"logits differ by {diff:.3g} > tolerance {tolerance:g}")
 
+    # A chat prompt is answered as a chat would answer it: up to the end of the assistant's turn.
+    stops = (tokenizer.im_end_id, tokenizer.eos_id) if tokenizer is not None else ()
     budget = min(max_new_tokens, context - len(prompt))
-    ours_tokens = list(reference.generate(prompt, budget, stop_ids=()))
+    ours_tokens = list(reference.generate(prompt, budget, stop_ids=stops))
     with torch.no_grad():
         output = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             do_sample=False, max_new_tokens=budget, eos_token_id=None)  # None: no early stop
+                             do_sample=False, max_new_tokens=budget, eos_token_id=list(stops) or None)
     hf_tokens = output[0, len(prompt):].tolist()
+    if stops and hf_tokens and hf_tokens[-1] in stops:
+        hf_tokens = hf_tokens[:-1]  # transformers keeps the stop token; Etude's generate does not
+    ended = "to the end of its turn" if len(ours_tokens) < budget else f"up to the {budget}-token limit"
     if hf_tokens == ours_tokens:
-        print(f"verify: greedy generation of {budget} tokens identical token for token")
+        print(f"verify: greedy reply identical token for token in transformers and Etude "
+              f"({len(ours_tokens)} tokens, {ended})")
+        if tokenizer is not None:
+            print(f"verify:   reply: {tokenizer.decode(ours_tokens)!r}")
     else:
         first = next((i for i, (a, b) in enumerate(zip(hf_tokens, ours_tokens)) if a != b),
                      min(len(hf_tokens), len(ours_tokens)))
-        print(f"verify: greedy generations differ from token {first}: transformers {hf_tokens[first:first + 5]}, "
+        print(f"verify: greedy replies differ from token {first}: transformers {hf_tokens[first:first + 5]}, "
               f"Etude {ours_tokens[first:first + 5]}  FAILED")
+        if tokenizer is not None:
+            print(f"verify:   transformers: {tokenizer.decode(hf_tokens)!r}\nverify:   Etude:        "
+                  f"{tokenizer.decode(ours_tokens)!r}")
         failures.append(f"greedy generation differs from token {first}")
-    if tokenizer is not None:
-        print(f"verify: greedy continuation: {tokenizer.decode(ours_tokens)!r}")
     return failures
 
 

@@ -102,7 +102,26 @@ def train_config_from_args(stage: str, args: argparse.Namespace) -> TrainConfig:
     check_tracker(cfg.tracker)  # a missing package stops here, before any data is read
     if cfg.val_data == "":
         cfg.val_data = None
+    check_data_files(cfg, given={name for name in ("data", "val_data") if flags[name]})
     return cfg
+
+
+def check_data_files(cfg: TrainConfig, given: set[str]) -> None:
+    """Stop before anything is printed or built when a data file is missing. A path the user
+    typed is theirs to fix; a missing default means the demo data was never built."""
+    for name, flag in (("data", "--data"), ("val_data", "--val-data")):
+        path = getattr(cfg, name)
+        if not path or Path(path).is_file():
+            continue
+        what = "training data" if name == "data" else "validation data"
+        if Path(path).is_dir():
+            raise FileNotFoundError(f"{flag} {path} is a folder; give the {what} file (JSONL) inside it")
+        if name in given:
+            raise FileNotFoundError(f"{what} not found: {path} (from {flag}); check the path")
+        fix = f"build the demo data with `python tool/prepare_data.py`, or pass {flag} PATH"
+        if name == "val_data":
+            fix += " (or --val-data none to train without validation)"
+        raise FileNotFoundError(f"{what} not found at the default {path}; {fix}")
 
 
 def parse_model_overrides(text: str | None) -> dict[str, Any]:

@@ -111,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         out_dir, base = Path(cfg.out_dir), display_path(cfg.init_from)
         if cfg.resume:
             check_resumable(out_dir, model, settings, base)
-        print_config(f"LoRA on {cfg.init_from} ({len(wrapped)} layers) with", lora=adapter_settings(model),
-                     model=model.config.to_dict(), run=cfg.to_dict())
+        blocks = {name.split(".")[1] for name in wrapped if name.startswith("layers.")}
+        where = f"{len(wrapped)} linear layers in {len(blocks)} blocks" if blocks else f"{len(wrapped)} linear layers"
+        print_config(f"LoRA on {cfg.init_from} ({where}) with", lora=adapter_settings(model),
+                     model=model.config.applicable(), run=cfg.applicable())
         train_data = load_sft_data(cfg.data, tokenizer, cfg.seq_len, cfg.skip_bad_lines)
         val_data = load_sft_data(cfg.val_data, tokenizer, cfg.seq_len, cfg.skip_bad_lines) if cfg.val_data else None
         prompt, _ = tokenizer.render_chat([{"role": "user", "content": cfg.sample_prompt}], add_generation_prompt=True)

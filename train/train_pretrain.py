@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             model_config = preset_model_config(args.preset or "small", **overrides)
             if model_config.max_seq_len < cfg.seq_len:
                 model_config = preset_model_config(args.preset or "small", **{**overrides, "max_seq_len": cfg.seq_len})
-        print_config("pretraining with", model=model_config.to_dict(), run=cfg.to_dict())
+        print_config("pretraining with", model=model_config.applicable(), run=cfg.applicable())
         train_data = load_pretrain_data(cfg.data, tokenizer, cfg.seq_len, cfg.skip_bad_lines)
         val_data = load_pretrain_data(cfg.val_data, tokenizer, cfg.seq_len, cfg.skip_bad_lines) \
             if cfg.val_data else None

@@ -1,0 +1,91 @@
+"""What a new user meets first: chat commands, the printed configuration, and a missing data
+file reported before anything is printed or built."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from config import EtudeConfig, MOE_FIELDS, TrainConfig
+from inference import inference
+from train.cli import check_data_files
+from train.train_pretrain import main as pretrain_main
+
+from tests.helpers import TOY_MODEL, write_corpus
+
+
+class RecordingChat:
+    """Stands in for Chat: answers "ok" and remembers what it was sent."""
+
+    def __init__(self):
+        self.model = SimpleNamespace(num_parameters=lambda: 1_000_000)
+        self.sent = []
+
+    def stream(self, messages):
+        self.sent.append([dict(m) for m in messages])
+        yield "ok"
+
+
+def chat_with(lines, monkeypatch, capsys, system=None):
+    typed = iter(lines)
+
+    def fake_input(prompt=""):
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    chat = RecordingChat()
+    inference.interactive(chat, system)
+    return chat, capsys.readouterr().out
+
+
+def test_unknown_and_mistyped_commands_are_answered_not_sent(monkeypatch, capsys):
+    chat, out = chat_with(["/foo", "/qiut", "hello", "/QUIT", "never read"], monkeypatch, capsys)
+    assert "unknown command /foo" in out and "unknown command /qiut" in out
+    assert "/reset forgets the conversation" in out  # the list comes with it
+    assert [m[-1]["content"] for m in chat.sent] == ["hello"]  # /QUIT left: "never read" was not
+
+
+def test_commands_and_text_that_starts_with_a_slash(monkeypatch, capsys):
+    chat, out = chat_with(["/system Be brief.", "//etc/hosts is what?", "/ not a command", "/reset", "again"],
+                          monkeypatch, capsys)
+    assert "(system prompt set; conversation reset)" in out and "(conversation reset)" in out
+    first, second, third = chat.sent
+    assert first[0] == {"role": "system", "content": "Be brief."}
+    assert first[-1]["content"] == "/etc/hosts is what?"  # "//" sends the rest from its second slash
+    assert second[-1]["content"] == "/ not a command"
+    assert third == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "again"}]
+
+
+def test_printed_configuration_shows_only_what_applies():
+    dense = EtudeConfig().applicable()
+    assert not set(MOE_FIELDS) & set(dense) and "hidden_size" in dense
+    assert set(MOE_FIELDS) <= set(EtudeConfig(use_moe=True).applicable())
+    run = TrainConfig().applicable()
+    assert "muon_lr" not in run and "cooldown_frac" not in run and "stop_at_step" not in run
+    assert {"muon_lr", "cooldown_frac"} <= set(TrainConfig(optimizer="muon", schedule="wsd").applicable())
+
+
+def test_missing_data_is_reported_before_the_configuration(tmp_path, tiny_tokenizer_dir, capsys):
+    write_corpus(tmp_path / "train.jsonl", 20, seed=1)
+    base = ["--tokenizer-dir", str(tiny_tokenizer_dir), "--out-dir", str(tmp_path / "m"), "--model-config",
+            TOY_MODEL, "--device", "cpu"]
+    assert pretrain_main(["--data", str(tmp_path / "typo.jsonl"), "--val-data", "none", *base]) == 2
+    captured = capsys.readouterr()
+    assert "error: training data not found:" in captured.err and "typo.jsonl (from --data)" in captured.err
+    assert "prepare_data" not in captured.err  # the user named the file: the fix is the path
+    assert captured.out == ""  # nothing printed or built before the check
+
+    assert pretrain_main(["--data", str(tmp_path / "train.jsonl"), "--val-data", str(tmp_path), *base]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_missing_default_points_at_the_demo_data(tmp_path):
+    cfg = TrainConfig(data=str(tmp_path / "pretrain.jsonl"), val_data=str(tmp_path / "pretrain.val.jsonl"))
+    with pytest.raises(FileNotFoundError, match=r"not found at the default .*prepare_data.py`, or pass --data"):
+        check_data_files(cfg, given=set())
+    (tmp_path / "pretrain.jsonl").write_text("{}\n")
+    with pytest.raises(FileNotFoundError, match="--val-data none to train without validation"):
+        check_data_files(cfg, given=set())
