@@ -89,3 +89,31 @@ def test_a_missing_default_points_at_the_demo_data(tmp_path):
     (tmp_path / "pretrain.jsonl").write_text("{}\n")
     with pytest.raises(FileNotFoundError, match="--val-data none to train without validation"):
         check_data_files(cfg, given=set())
+
+
+def test_the_demo_says_how_long_it_takes_and_warns_when_slow(monkeypatch, capsys):
+    from tool import demo
+
+    monkeypatch.setattr(demo, "measure_speed", lambda: (demo.REFERENCE_TOKENS_PER_SECOND, "cpu bfloat16"))
+    expected = demo.announce("tiny")
+    out = capsys.readouterr().out
+    reference = sum(demo.REFERENCE_SECONDS.values())
+    assert sum(expected.values()) == pytest.approx(reference) and "warning" not in out
+    assert f"the demo takes ~{demo.minutes(reference)}" in out
+
+    monkeypatch.setattr(demo, "measure_speed", lambda: (demo.REFERENCE_TOKENS_PER_SECOND / 5, "cpu float32"))
+    slow = demo.announce("tiny")
+    out = capsys.readouterr().out
+    assert "warning: this machine is 5.0x slower than the reference" in out and "no fast bf16" in out
+    assert slow["pretrain"] == pytest.approx(5 * demo.REFERENCE_SECONDS["pretrain"])
+    assert slow["prepare data"] == demo.REFERENCE_SECONDS["prepare data"]  # not a training stage
+    assert demo.announce("small") is None
+
+
+def test_the_demo_streams_a_command_and_keeps_its_output(capsys):
+    from tool import demo
+
+    assert demo.run(["-c", "print('a reply')"]) == "a reply\n"
+    assert "a reply" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="failed \\(exit 3\\)"):
+        demo.run(["-c", "raise SystemExit(3)"])
