@@ -32,6 +32,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from inference.chat_request import Limits, RequestError
 
 API_KEY_ENV = "ETUDE_API_KEY"
+LINGER_SECONDS = 1.0  # how long a refused body is read (and dropped) before the connection closes
 
 
 class ErrorResponse(JSONResponse):
@@ -128,24 +129,37 @@ class Guard:
 async def read_body(request: Request, limits: Limits) -> bytes:
     """The request body, at most limits.max_body_bytes (413 as soon as the declared length or the
     bytes received pass it), received within limits.body_timeout seconds (408)."""
-    too_large = RequestError(f"the request body is larger than this server takes ({limits.max_body_bytes} "
-                             "bytes, --max-body-bytes)", code="request_too_large", status=413)
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and (len(declared) > 18 or int(declared) > limits.max_body_bytes):
-        raise too_large
     body = bytearray()
     try:
         async with asyncio.timeout(limits.body_timeout):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limits.max_body_bytes:
-                    raise too_large
+            if declared.isdigit() and (len(declared) > 18 or int(declared) > limits.max_body_bytes):
+                await _discard(request, limits)
+            else:
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limits.max_body_bytes:
+                        await _discard(request, limits)
     except TimeoutError:
         raise RequestError(f"the request body did not arrive within {limits.body_timeout:g} s (--body-timeout)",
                            code="request_timeout", status=408) from None
     except ClientDisconnect:
         raise RequestError("the client closed the connection", code="client_closed", status=499) from None
     return bytes(body)
+
+
+async def _discard(request: Request, limits: Limits, seconds: float = LINGER_SECONDS) -> None:
+    """Read and drop what more the client sends, for up to `seconds`, then refuse with 413. A
+    client that is still sending when the connection closes may get a reset instead of the 413;
+    lingering a moment lets one that sends fast read it (nginx's lingering close)."""
+    try:
+        async with asyncio.timeout(seconds):
+            while (message := await request.receive())["type"] == "http.request" and message.get("more_body"):
+                pass
+    except TimeoutError:
+        pass
+    raise RequestError(f"the request body is larger than this server takes ({limits.max_body_bytes}"
+                       " bytes, --max-body-bytes)", code="request_too_large", status=413)
 
 
 def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
