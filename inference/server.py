@@ -32,9 +32,9 @@ header saying what was dropped. completion_tokens counts every token the model p
 closing <|im_end|> included.
 
 A request is checked in this order, each check cheap before the next: headers (within
---header-timeout), size (--max-body-bytes, within --body-timeout), JSON, message count
-(--max-messages) and characters (--max-chars), room in the queue (--max-queue; 429 at once).
-Only then is it tokenized, in a worker thread so that the server keeps answering meanwhile. One
+--header-timeout), size (--max-body-bytes, within --body-timeout), room in the queue (--max-queue;
+429 at once). Then, in a worker thread so that the server keeps answering meanwhile: JSON, message
+count (--max-messages) and characters (--max-chars), and only then tokenizing. One
 generation thread runs the model, one request at a time in arrival order. A client that
 disconnects (or presses stop on the page) cancels its request: the worker drops it between two
 tokens, or before it starts.
@@ -288,21 +288,25 @@ def create_app(base: Chat, model_name: str, max_queue: int = 16, limits: Limits 
                                             "owned_by": "etude",
                                             "max_model_len": base.model.config.max_seq_len}]}
 
+    def prepare(raw: bytes) -> tuple[Settings, Chat, list[int], str | None]:
+        """From body bytes to prompt ids: parsing, then tokenizing (both in the preparing thread)."""
+        settings = parse_request(decode_json(raw), model_name, limits)
+        chat = request_chat(base, settings)
+        return settings, chat, *prepare_prompt(chat, settings, truncation)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            settings = parse_request(decode_json(await read_body(request, limits)), model_name, limits)
+            raw = await read_body(request, limits)
         except RequestError as exc:  # a client that is too big or too slow does not keep the connection
             return refusal(exc, {"Connection": "close"} if exc.status in (408, 413) else None)
-        try:
+        try:  # before any parsing, so that an overloaded server refuses at once
             engine.reserve()
         except Overloaded as exc:
             return JSONResponse(error_body(str(exc), "rate_limit_exceeded", None, "server_busy"),
                                 status_code=429, headers={"Retry-After": "1"})
         try:
-            chat = request_chat(base, settings)
-            ids, note = await asyncio.get_running_loop().run_in_executor(
-                preparing, prepare_prompt, chat, settings, truncation)
+            settings, chat, ids, note = await asyncio.get_running_loop().run_in_executor(preparing, prepare, raw)
         except RequestError as exc:
             engine.release()
             return refusal(exc)
