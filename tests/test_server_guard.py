@@ -103,6 +103,20 @@ def test_a_huge_message_is_refused_or_cut_without_tokenizing_it_all(toy_chat):
     assert toy_chat.tokenizer.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
 
 
+def test_hf_chat_trims_a_history_as_the_native_chat_does(toy_chat, tiny_tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    from inference.hf import HFChat
+    hf_chat = HFChat.__new__(HFChat)  # prompt_ids needs the tokenizer and the sizes, not a model
+    hf_chat.tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    hf_chat.context, hf_chat.max_new_tokens = CONTEXT, toy_chat.max_new_tokens
+    hf_chat.max_token_chars = 2 * max(len(token) for token in hf_chat.tokenizer.get_vocab())
+    for messages in (history(300), history(3), [{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "the red cat " * 80}]):
+        assert hf_chat.prompt_ids(messages) == toy_chat.prompt_ids(messages)
+    with pytest.raises(PromptTooLong):
+        hf_chat.prompt_ids(history(300), trim=False)
+
+
 # ---- the request body ------------------------------------------------------------------------
 
 def refused(raw: bytes, limits: Limits = Limits()) -> RequestError:

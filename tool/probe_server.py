@@ -5,7 +5,7 @@
 
 Starts the server on a free loopback port (twice: with its default limits, then with limits
 raised so that huge requests reach prompt preparation), and measures: how long 2,001 and 100,000
-messages and one 5 MB message take to be answered (max_tokens 1, with and without "truncation":
+messages, one 5 MB message and a body of 33,000 text parts take to be answered (max_tokens 1, with and without "truncation":
 "auto") and the slowest GET /health meanwhile; a --big-mb body (declared, then chunked): status and
 the server's peak memory growth; text/plain and form bodies; a wrong and a missing API key; and
 50 connections sending their headers at 4 bytes a second. Prints one JSON object.
@@ -106,8 +106,10 @@ def conversations() -> dict[str, list[dict]]:
     def history(n):
         return [{"role": "system", "content": "You are helpful."}] + [
             {"role": "user" if i % 2 == 0 else "assistant", "content": f"word{i}"} for i in range(n - 1)]
+    parts = [{"type": "text", "text": "a"}] * 33_000  # just under 1 MiB of small objects: the slowest to parse
     return {"2001 messages": history(2001), "100000 messages": history(100_000),
-            "5 MB message": [{"role": "user", "content": "word " * 1_000_000}]}
+            "5 MB message": [{"role": "user", "content": "word " * 1_000_000}],
+            "1 MiB of text parts": [{"role": "user", "content": parts}]}
 
 
 def probe_sizes(port: int) -> dict:
