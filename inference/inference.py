@@ -364,6 +364,10 @@ def interactive(chat: Chat, system: str | None) -> None:
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             print(" [stopped]", end="")
+        except PromptTooLong as exc:  # only when the system message alone does not fit
+            print(f"\n(not answered: {exc}; shorten it with /system)")
+            history.pop()
+            continue
         print()
         history.append({"role": "assistant", "content": "".join(pieces)})
 

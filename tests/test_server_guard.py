@@ -5,9 +5,11 @@ and, against a real server process, that huge requests and slow clients do not s
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -115,6 +117,14 @@ def test_hf_chat_trims_a_history_as_the_native_chat_does(toy_chat, tiny_tokenize
         assert hf_chat.prompt_ids(messages) == toy_chat.prompt_ids(messages)
     with pytest.raises(PromptTooLong):
         hf_chat.prompt_ids(history(300), trim=False)
+
+
+def test_the_interactive_chat_survives_a_system_message_too_long(toy_chat, monkeypatch, capsys):
+    from inference.inference import interactive
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/system Be brief.\nhello\n/quit\n"))
+    interactive(toy_chat, "the cat sat " * 100)
+    out = capsys.readouterr().out
+    assert "(not answered: the system message with the template's markers is" in out and out.count("etude> ") == 2
 
 
 # ---- the request body ------------------------------------------------------------------------
