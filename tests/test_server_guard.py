@@ -25,6 +25,7 @@ from inference.server import create_app
 from model.model import EtudeModel
 from model.tokenizer import load_tokenizer
 from tests.conftest import TINY_VOCAB_SIZE
+from tests.test_server import browser  # noqa: F401  (the headless Chromium fixture)
 
 starlette_testclient = pytest.importorskip("starlette.testclient", reason="needs httpx (an openai dependency)")
 
@@ -422,3 +423,33 @@ def test_huge_requests_are_answered_fast_and_health_stays_responsive(served, wha
                 "5 MB message": [(413, "request_too_large", 413)]}[what]
     assert (status, reply["error"]["code"], trim_status) in expected
     assert seconds < 3 and trim_seconds < 3 and max(latencies) < 1  # generous: the machine is shared
+
+
+@pytest.fixture(scope="module")
+def served_with_key(served):
+    from tests.test_server import start_server
+    process, port = start_server(served["folder"], "--api-key", "page-key")
+    yield {"port": port}
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_the_chat_page_asks_for_the_key(served_with_key, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"http://127.0.0.1:{served_with_key['port']}/")
+    WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "key-form").is_displayed())
+    key = browser.find_element(By.ID, "api-key")
+    key.send_keys("wrong")
+    browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+    WebDriverWait(browser, 20).until(lambda d: "refused" in d.find_element(By.ID, "model-name").text)
+    browser.find_element(By.ID, "api-key").send_keys("page-key")
+    browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+    WebDriverWait(browser, 20).until(lambda d: NAME in d.find_element(By.ID, "model-name").text)
+    assert not browser.find_element(By.ID, "key-form").is_displayed()
+    browser.find_element(By.ID, "input").send_keys("hello")
+    browser.find_element(By.ID, "send").click()
+    done = ".message.assistant[data-state='done']"
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, done))
+    assert not browser.find_elements(By.CSS_SELECTOR, ".message.error")
