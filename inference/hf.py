@@ -84,6 +84,9 @@ class HFChat:
             raise ValueError("the model's generation_config.json names no eos_token_id, so an answer "
                              "would never end; add one (an Etude export has <|im_end|>)")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        # No token stands for more characters than its spelling has (a byte-level token spells each
+        # byte as one character); doubled for normalizers that fold characters together.
+        self.max_token_chars = 2 * max(len(token) for token in tokenizer.get_vocab())
         # transformers samples from torch's global generator; greedy decoding ignores it.
         if seed is not None:
             torch.manual_seed(seed)
@@ -114,8 +117,9 @@ class HFChat:
                 ids += self.tokenizer(piece, add_special_tokens=False).input_ids
         return ids
 
-    def prompt_ids(self, messages: list[dict]) -> tuple[list[int], str | None]:
-        return fit_to_context(messages, self.render, self.context, self.max_new_tokens)
+    def prompt_ids(self, messages: list[dict], trim: bool = True) -> tuple[list[int], str | None]:
+        return fit_to_context(messages, self.render, self.context, self.max_new_tokens, trim=trim,
+                              max_token_chars=self.max_token_chars)
 
     def _generate_kwargs(self, ids: torch.Tensor, mask: torch.Tensor) -> dict:
         device = self.model.device

@@ -39,6 +39,27 @@ from model.tokenizer import EtudeTokenizer, load_tokenizer, not_text, validate_m
 COMMANDS = "/reset forgets the conversation, /system TEXT sets the system prompt, /quit leaves"
 # A line like "/word ..." is a command; "//..." sends the text from its second slash on.
 COMMAND = re.compile(r"/([A-Za-z]\w*)(?:\s+(.*))?", re.DOTALL)
+# Sampling values that sample. Below these a float32 logit overflows to inf (temperature,
+# repetition penalty) or top_p rounds to 0 and filters out every token: "probability tensor
+# contains inf/nan". Temperature 0 is greedy decoding.
+TEMPERATURE_RANGE = (1e-5, 2.0)
+TOP_P_RANGE = (1e-6, 1.0)
+REPETITION_PENALTY_RANGE = (0.01, 10.0)
+
+
+def sampling_problems(temperature: float, top_p: float, top_k: int, repetition_penalty: float) -> list[str]:
+    """What is wrong with command-line sampling values (the ranges above), all at once."""
+    problems = []
+    if temperature != 0 and not TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]:
+        problems.append(f"--temperature must be 0 (greedy) or in [{TEMPERATURE_RANGE[0]:g}, "
+                        f"{TEMPERATURE_RANGE[1]:g}], got {temperature}")
+    for flag, value, (low, high) in (("--top-p", top_p, TOP_P_RANGE),
+                                     ("--repetition-penalty", repetition_penalty, REPETITION_PENALTY_RANGE)):
+        if not low <= value <= high:
+            problems.append(f"{flag} must be in [{low:g}, {high:g}], got {value}")
+    if top_k < 0:
+        problems.append(f"--top-k must be >= 0, got {top_k}")
+    return problems
 
 
 class Chat:
@@ -59,11 +80,12 @@ class Chat:
         self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         self.stop_ids = (tokenizer.im_end_id, tokenizer.eos_id)
 
-    def prompt_ids(self, messages: list[dict]) -> tuple[list[int], str | None]:
+    def prompt_ids(self, messages: list[dict], trim: bool = True) -> tuple[list[int], str | None]:
         """Ids of the conversation plus the generation prompt, fitted to the context (see
-        fit_to_context)."""
+        fit_to_context; without `trim` a prompt that does not fit raises PromptTooLong)."""
         return fit_to_context(messages, lambda m: self.tokenizer.render_chat(m, add_generation_prompt=True)[0],
-                              self.model.config.max_seq_len, self.max_new_tokens)
+                              self.model.config.max_seq_len, self.max_new_tokens, trim=trim,
+                              max_token_chars=max(self.tokenizer.token_bytes()))
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
         """Yield the answer's text piece by piece as tokens are generated."""
@@ -93,29 +115,98 @@ class Chat:
         return [self.tokenizer.decode([t for t in out if t not in self.stop_ids]) for out in outputs]
 
 
+class PromptTooLong(ValueError):
+    """A prompt that does not fit the context with room for the answer. `tokens` is its size
+    (a lower bound, counted from its characters, when `exact` is False)."""
+
+    def __init__(self, tokens: int, room: int, context: int, exact: bool = True, what: str = "the prompt"):
+        self.tokens, self.room, self.context, self.exact = tokens, room, context, exact
+        super().__init__(f"{what} is {'' if exact else 'at least '}{tokens} tokens, but the model's {context}-token "
+                         f"context leaves {room} for the prompt (the rest is kept for the answer); shorten the "
+                         "messages or ask for fewer new tokens")
+
+
 def fit_to_context(messages: list[dict], render: Callable[[list[dict]], list[int]], context: int,
-                   max_new_tokens: int) -> tuple[list[int], str | None]:
+                   max_new_tokens: int, *, trim: bool = True,
+                   max_token_chars: int | None = None) -> tuple[list[int], str | None]:
     """Ids of the conversation plus the generation prompt (`render` makes them), fitted to the
-    context with room to answer: the oldest non-system turns go first; a single message that is
-    still too long keeps its end. Returns the ids and a note saying what was dropped (None if
-    nothing). Shared with inference/hf.py, so both programs trim a history alike."""
+    context with room to answer. Returns the ids and a note saying what was dropped (None if
+    nothing); shared with inference/hf.py and the server, so all of them trim a history alike.
+
+    Without `trim`, a prompt that does not fit raises PromptTooLong. With it, the oldest
+    non-system turns go first, then the start of the last turn's text; the system message and
+    the template's markers are never cut (PromptTooLong if they alone do not fit).
+
+    The work is linear in the request: one render when the prompt fits, else a binary search
+    over how many turns to drop (each probe renders only what would be kept). `max_token_chars`
+    (the most characters one token can stand for) makes it bounded by the context instead:
+    turns that cannot fit by their character count alone are dropped (or refused) before
+    anything is tokenized."""
     validate_messages(messages)
     room = context - min(max_new_tokens, context // 2)
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system):]
-    dropped = 0
-    while True:
-        ids = render(system + turns)
-        if len(ids) <= room or len(turns) <= 1:
-            break
-        turns = turns[1:]
-        dropped += 1
-    note = f"dropped the {dropped} oldest message(s) to fit the {context}-token context" if dropped else None
-    if len(ids) > room:
-        ids = ids[-room:]
-        note = (f"the prompt is longer than the {context}-token context; "
-                f"kept its last {room} tokens")
+    first, cut = 0, 0  # turns[:first] are dropped, and the first `cut` characters of the turn after them
+    too_many_chars = False
+    if max_token_chars:
+        budget = room * max_token_chars  # a prompt of more characters cannot fit in `room` tokens
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > budget and (not trim or not turns):
+            raise PromptTooLong(-(-chars // max_token_chars), room, context, exact=False)
+        while first < len(turns) - 1 and chars > budget:
+            chars -= len(turns[first]["content"])
+            first += 1
+        too_many_chars = chars > budget
+    ids = [] if too_many_chars else render(system + turns[first:])
+    if len(ids) > room and (not trim or not turns):
+        raise PromptTooLong(len(ids), room, context)
+    if too_many_chars or len(ids) > room:
+        last = [] if too_many_chars else render(system + turns[-1:])
+        if last and len(last) <= room:  # drop whole turns: the fewest that make it fit
+            unfit, fit = first, len(turns) - 1
+            ids = last
+            while fit - unfit > 1:
+                middle = (unfit + fit) // 2
+                probe = render(system + turns[middle:])
+                if len(probe) <= room:
+                    fit, ids = middle, probe
+                else:
+                    unfit = middle
+            first = fit
+        else:  # the last turn alone is too long: it keeps its end
+            first = len(turns) - 1
+            cut, ids = _keep_end(system, turns[-1], render, room, context, max_token_chars)
+    note = None
+    if first or cut:
+        dropped = [f"the {first} oldest message(s)"] if first else []
+        dropped += [f"the first {cut} characters of the last message"] if cut else []
+        note = f"dropped {' and '.join(dropped)} to fit the {context}-token context"
     return ids, note
+
+
+def _keep_end(system: list[dict], message: dict, render: Callable[[list[dict]], list[int]], room: int,
+              context: int, max_token_chars: int | None) -> tuple[int, list[int]]:
+    """How many leading characters of `message`'s text to cut so that it fits after the system
+    message, and the ids then; a binary search over the cut, each probe one render."""
+    content = message["content"]
+
+    def rendered(cut: int) -> list[int]:
+        return render(system + [{**message, "content": content[cut:]}])
+
+    fit, ids = len(content), rendered(len(content))
+    if len(ids) > room:
+        raise PromptTooLong(len(ids), room, context, what="the system message with the template's markers")
+    unfit = -1
+    if max_token_chars:  # fewer characters than this cannot be cut and fit
+        unfit = max(-1, len(content) - room * max_token_chars - 1)
+    while fit - unfit > 1:
+        middle = (unfit + fit) // 2
+        probe = rendered(middle)
+        if len(probe) <= room:
+            fit, ids = middle, probe
+        else:
+            unfit = middle
+    return fit, ids
 
 
 def batch_prompts(chat, conversations: list[list[dict]]) -> list[list[int]]:
@@ -283,6 +374,10 @@ def interactive(chat: Chat, system: str | None) -> None:
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             print(" [stopped]", end="")
+        except PromptTooLong as exc:  # only when the system message alone does not fit
+            print(f"\n(not answered: {exc}; shorten it with /system)")
+            history.pop()
+            continue
         print()
         history.append({"role": "assistant", "content": "".join(pieces)})
 
@@ -332,6 +427,10 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
             return 2
     if args.batch_size <= 0 or args.max_new_tokens <= 0:
         print("error: --batch-size and --max-new-tokens must be positive", file=sys.stderr)
+        return 2
+    problems = sampling_problems(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
         return 2
     try:
         chat = make_chat(args)

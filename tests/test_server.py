@@ -301,7 +301,8 @@ def test_long_history_loses_its_oldest_turns(server, toy_model):
     chat = greedy(toy_model, 64)
     expected_ids, note = chat.prompt_ids(messages)
     assert note and "dropped" in note
-    raw = server["client"].chat.completions.with_raw_response.create(model=MODEL, messages=messages, temperature=0, max_tokens=64)
+    raw = server["client"].chat.completions.with_raw_response.create(model=MODEL, messages=messages, temperature=0,
+                                                                     max_tokens=64, extra_body={"truncation": "auto"})
     assert "dropped" in raw.headers["x-etude-note"]
     reply = raw.parse()
     assert reply.usage.prompt_tokens == len(expected_ids) <= CONTEXT - 64
