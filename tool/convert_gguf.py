@@ -81,7 +81,7 @@ STRICT_TYPES = ("f32", "f16")
 GGML_TYPE_F32 = 0  # llama.cpp's enum value, for an f32 KV cache
 
 
-def open_llama(path: Path, n_ctx: int, vocab_only: bool = False):
+def open_llama(path: Path, n_ctx: int):
     """llama-cpp-python's Llama on `path`: logits for every position, an f32 KV cache, quiet."""
     try:
         from llama_cpp import Llama
@@ -89,7 +89,7 @@ def open_llama(path: Path, n_ctx: int, vocab_only: bool = False):
         raise FileNotFoundError("--verify needs llama.cpp's Python binding: pip install llama-cpp-python "
                                 "(it builds llama.cpp from source; a C++ compiler and cmake are needed)") from None
     threads = torch.get_num_threads()
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, vocab_only=vocab_only,
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
                  n_threads=threads, n_threads_batch=threads, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32,
                  seed=0, verbose=False)
 
@@ -218,7 +218,7 @@ def iter_documents(path: Path):
 def check_tokens(path: Path, tokenizer: EtudeTokenizer, files: list[Path], context: int) -> dict[str, dict]:
     """Compare llama.cpp's ids with ours on every document of each JSONL file; prints and
     returns {file: {"documents": n, "mismatching": m, "first": "file:line" or None}}."""
-    llm = open_llama(path, context, vocab_only=True)
+    llm = open_llama(path, context)
     results = {}
     for file in files:
         count, bad, first = 0, 0, None
