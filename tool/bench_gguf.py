@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {"tokens_per_s": new / median, "ms_per_token": median / new * 1e3,
                          "greedy_agree_with_fp32": new if agree is None else agree}
     base = results["etude fp32"]["tokens_per_s"]
-    print(f"\n| engine | tokens/s | ms/token | vs Etude fp32 | greedy = fp32 Etude |\n|---|---|---|---|---|")
+    print("\n| engine | tokens/s | ms/token | vs Etude fp32 | greedy = fp32 Etude |\n|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['ms_per_token']:.2f} | {r['tokens_per_s'] / base:.2f}x | "
               f"{r['greedy_agree_with_fp32']}/{new} |")

@@ -51,12 +51,12 @@ import numpy as np
 import torch
 
 from config import GGUF_DIR, SFT_DIR, TOKENIZER_DIR, ConfigError
-from model.checkpoint import CONFIG_FILE
 from model.gguf_llama import GGUF_TYPES, check_exportable, modelfile, rounded_model, tokenizer_refusal, write_gguf
 from model.model import EtudeModel
 from model.lora import resolve_adapter
-from model.tokenizer import EtudeTokenizer, load_tokenizer
-from tool.convert_hf import SAMPLE_CHAT, SAMPLE_TEXT, VerificationFailed, load_source_model
+from model.tokenizer import EtudeTokenizer
+from tool.convert_hf import (SAMPLE_CHAT, SAMPLE_TEXT, VerificationFailed, exit_status, export_tokenizer,
+                             load_source_model, source_folder)
 
 # Texts whose ids llama.cpp must give exactly as we do: each a way pre-tokenizers tend to differ.
 SAMPLE_TEXTS = [
@@ -248,21 +248,13 @@ def check_tokens(path: Path, tokenizer: EtudeTokenizer, files: list[Path], conte
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    source = Path(args.model or SFT_DIR)
-    if not (source / CONFIG_FILE).is_file():
-        hint = "" if args.model else " Train one with `python train/train_sft.py`, or pass --model FOLDER."
-        raise FileNotFoundError(f"no model folder at {source} ({CONFIG_FILE} missing).{hint}")
+    source = source_folder(args.model)
     for file in args.check_tokens or []:
         if not Path(file).is_file():
             raise FileNotFoundError(f"--check-tokens {file}: no such file")
     model = load_source_model(source, resolve_adapter(args.lora) if args.lora else None)
     check_exportable(model.config)
-    tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else \
-        (source if (source / "tokenizer.json").is_file() else TOKENIZER_DIR)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} ids but the model only "
-                         f"{model.config.vocab_size}; pass the tokenizer it was trained with (--tokenizer-dir)")
+    tokenizer = export_tokenizer(source, args.tokenizer_dir, model)
     refusal = tokenizer_refusal(tokenizer)
     if refusal:
         raise ConfigError(refusal)
@@ -337,14 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_tokens and not args.verify:
         print("error: --check-tokens goes with --verify", file=sys.stderr)
         return 2
-    try:
-        return run(args)
-    except VerificationFailed as exc:
-        print(f"error: verification failed ({exc}); nothing was written", file=sys.stderr)
-        return 1
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":
