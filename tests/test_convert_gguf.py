@@ -147,17 +147,29 @@ def test_llama_cpp_parity(tmp_path, tiny_tokenizer_dir, shape):
     assert report["f32"]["max_logit_diff"] < 1e-3
 
 
-def test_failed_check_writes_nothing(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
-    """A GGUF whose pre-tokenizer splits digits differently (llama3's) fails the token check."""
+def _merges_reversed(original):
+    def vocab(*args):
+        tokens, types, merges = original(*args)
+        return tokens, types, merges[::-1]
+    return vocab
+
+
+@pytest.mark.parametrize("fault", ["merges-reversed", "rope-unpaired"])
+def test_failed_check_writes_nothing(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys, fault):
+    """A file whose merges are out of rank order fails the token check; one whose q/k rows are
+    not reordered for llama.cpp's rope fails the logits check. Neither is written."""
     needs_llama_cpp()
     import model.gguf_llama as gguf_llama
-    monkeypatch.setattr(gguf_llama, "PRE_TOKENIZER", "llama-bpe")
+    if fault == "merges-reversed":
+        monkeypatch.setattr(gguf_llama, "gguf_vocab", _merges_reversed(gguf_llama.gguf_vocab))
+    else:
+        monkeypatch.setattr(gguf_llama, "rope_pairs", lambda weight, n_heads: weight)
     make_native(tmp_path / "native", tiny_tokenizer_dir)
     (tmp_path / "out").mkdir()
     code = convert_main(["--model", str(tmp_path / "native"), "--out-dir", str(tmp_path / "out"), "--type", "f32",
                          "--verify", "--max-new-tokens", "4"])
     assert code == 1
-    assert "tokenizes" in capsys.readouterr().err
+    assert ("tokenizes" if fault == "merges-reversed" else "logits differ") in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -192,10 +192,13 @@ def verify(path: Path, model: EtudeModel, tokenizer: EtudeTokenizer, type_name: 
     stops = (tokenizer.im_end_id, tokenizer.eos_id)
     budget = min(max_new_tokens, context - len(our_ids))
     answer_ids = [t for t in reference.generate(our_ids, budget, temperature=0.0, stop_ids=stops) if t not in stops]
-    ours_answer = tokenizer.decode(answer_ids)
+    # llama-cpp-python drops the bytes of a cut UTF-8 character where we print U+FFFD: compare the
+    # answer as it spells our ids (equal text <=> equal ids here).
+    ours_answer = llm.detokenize(answer_ids).decode("utf-8", errors="ignore")
     reply = llm.create_chat_completion(messages=messages, temperature=0.0, repeat_penalty=1.0, max_tokens=budget)
     theirs_answer = reply["choices"][0]["message"]["content"] or ""
-    figures.update(chat_answer=theirs_answer, chat_identical=theirs_answer == ours_answer)
+    figures.update(chat_answer=theirs_answer, chat_identical=theirs_answer == ours_answer,
+                   chat_identical_text=theirs_answer == tokenizer.decode(answer_ids))
     print(f"verify {type_name}: chat answer {'identical' if theirs_answer == ours_answer else 'differs'}: "
           f"{theirs_answer!r}{'' if theirs_answer == ours_answer or not strict else '  FAILED (ours: ' + repr(ours_answer) + ')'}")
     if strict and theirs_answer != ours_answer:
