@@ -73,6 +73,7 @@ SAMPLE_TEXTS = [
     "combining e\u0301 n\u0303 and zero\u200bwidth, nbsp\u00a0here, ellipsis\u2026 dashes \u2014 \u2013",
     "URL https://example.com/path?q=1&r=2 email a.b@c.org <b>&amp;</b> {\"json\": [1, 2]}",
 ]
+SAMPLE_CHATS = [SAMPLE_CHAT, [{"role": "user", "content": "Hello! How are you today?"}]]
 # The largest max-abs logit difference each type is held to (None: reported, not checked).
 # f32: llama.cpp sums in another order; f16: llama.cpp also rounds the activations to f16 before
 # each f16 matmul. Measured on the demo model: see README "GGUF and Ollama".
@@ -180,31 +181,37 @@ def verify(path: Path, model: EtudeModel, tokenizer: EtudeTokenizer, type_name: 
     if strict and agree is not None:
         failures.append(f"greedy continuation differs from token {agree}")
 
-    # (d) chat through llama.cpp's template handling
-    messages = SAMPLE_CHAT
+    # (d) chats through llama.cpp's template handling
+    figures["chats"] = [check_chat(llm, reference, tokenizer, messages, type_name, strict, max_new_tokens, failures)
+                        for messages in SAMPLE_CHATS]
+    del llm
+    return failures, figures
+
+
+def check_chat(llm, reference: EtudeModel, tokenizer: EtudeTokenizer, messages: list[dict], type_name: str,
+               strict: bool, max_new_tokens: int, failures: list[str]) -> dict:
+    """Check (d) on one conversation: llama.cpp's C++ template engine renders our prompt (text and
+    ids), and create_chat_completion at temperature 0 answers what our greedy decoding does."""
     text = llama_chat_text(llm, messages)
     our_ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
     same_prompt = text == chatml_text(messages) and llama_ids(llm, text, special=True) == our_ids
-    figures["chat_prompt_identical"] = same_prompt
     print(f"verify {type_name}: llama_chat_apply_template renders our prompt {'exactly' if same_prompt else 'differently  FAILED'}")
     if not same_prompt:
         failures.append("llama.cpp's chat template renders another prompt than ours")
     stops = (tokenizer.im_end_id, tokenizer.eos_id)
-    budget = min(max_new_tokens, context - len(our_ids))
+    budget = min(max_new_tokens, reference.config.max_seq_len - len(our_ids))
     answer_ids = [t for t in reference.generate(our_ids, budget, temperature=0.0, stop_ids=stops) if t not in stops]
     # llama-cpp-python drops the bytes of a cut UTF-8 character where we print U+FFFD: compare the
     # answer as it spells our ids (equal text <=> equal ids here).
-    ours_answer = llm.detokenize(answer_ids).decode("utf-8", errors="ignore")
+    ours = llm.detokenize(answer_ids).decode("utf-8", errors="ignore")
     reply = llm.create_chat_completion(messages=messages, temperature=0.0, repeat_penalty=1.0, max_tokens=budget)
-    theirs_answer = reply["choices"][0]["message"]["content"] or ""
-    figures.update(chat_answer=theirs_answer, chat_identical=theirs_answer == ours_answer,
-                   chat_identical_text=theirs_answer == tokenizer.decode(answer_ids))
-    print(f"verify {type_name}: chat answer {'identical' if theirs_answer == ours_answer else 'differs'}: "
-          f"{theirs_answer!r}{'' if theirs_answer == ours_answer or not strict else '  FAILED (ours: ' + repr(ours_answer) + ')'}")
-    if strict and theirs_answer != ours_answer:
+    theirs = reply["choices"][0]["message"]["content"] or ""
+    print(f"verify {type_name}: chat answer {'identical' if theirs == ours else 'differs'}: {theirs!r}"
+          f"{'' if theirs == ours or not strict else '  FAILED (ours: ' + repr(ours) + ')'}")
+    if strict and theirs != ours:
         failures.append("create_chat_completion answers differently")
-    del llm
-    return failures, figures
+    return {"prompt_identical": same_prompt, "answer": theirs, "identical": theirs == ours,
+            "identical_text": theirs == tokenizer.decode(answer_ids)}
 
 
 def iter_documents(path: Path):
