@@ -50,7 +50,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 import numpy as np
 import torch
 
-from config import GGUF_DIR, SFT_DIR, TOKENIZER_DIR, ConfigError
+from config import GGUF_DIR, SFT_DIR, SPECIAL_TOKENS, TOKENIZER_DIR, ConfigError
 from model.gguf_llama import GGUF_TYPES, check_exportable, modelfile, rounded_model, tokenizer_refusal, write_gguf
 from model.model import EtudeModel
 from model.lora import resolve_adapter
@@ -113,17 +113,21 @@ def llama_chat_text(llm, messages: list[dict]) -> str:
     template = llm.metadata["tokenizer.chat_template"].encode("utf-8")
     chat = (llama_cpp.llama_chat_message * len(messages))(
         *[llama_cpp.llama_chat_message(m["role"].encode("utf-8"), m["content"].encode("utf-8")) for m in messages])
-    size = 4 * sum(len(m["content"]) + 32 for m in messages) + 64
-    buffer = ctypes.create_string_buffer(size)
-    length = llama_cpp.llama_chat_apply_template(template, chat, len(messages), True, buffer, size)
-    if length < 0 or length > size:
-        raise VerificationFailed(f"llama.cpp could not apply the chat template (returned {length})")
-    return buffer.raw[:length].decode("utf-8")
+    size = 4096
+    while True:  # the call returns the length it needs when the buffer is too small
+        buffer = ctypes.create_string_buffer(size)
+        length = llama_cpp.llama_chat_apply_template(template, chat, len(messages), True, buffer, size)
+        if length < 0:
+            raise VerificationFailed(f"llama.cpp could not apply the chat template (returned {length})")
+        if length <= size:
+            return buffer.raw[:length].decode("utf-8")
+        size = length
 
 
-def chatml_text(messages: list[dict]) -> str:
-    """Our ChatML prompt as text (model/tokenizer.py), with the generation prompt."""
-    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+def chatml_text(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Our ChatML prompt as text (model/tokenizer.py)."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 def verify(path: Path, model: EtudeModel, tokenizer: EtudeTokenizer, type_name: str, tolerance: float | None,
@@ -238,9 +242,8 @@ def check_tokens(path: Path, tokenizer: EtudeTokenizer, files: list[Path], conte
                 same = all(llama_ids(llm, m["content"]) == tokenizer.encode(m["content"]) for m in messages)
                 rendered, _ = tokenizer.render_chat(messages)
                 # Special-token strings inside content are plain text to us, not to a parse of the whole text.
-                if not any(s in m["content"] for m in messages for s in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")):
-                    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-                    same = same and llama_ids(llm, text, special=True) == rendered
+                if not any(s in m["content"] for m in messages for s in SPECIAL_TOKENS):
+                    same = same and llama_ids(llm, chatml_text(messages, False), special=True) == rendered
             elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
                 same = llama_ids(llm, obj["text"]) == tokenizer.encode(obj["text"])
             else:
