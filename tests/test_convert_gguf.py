@@ -128,13 +128,13 @@ def test_refuses_what_llama_cpp_would_run_differently(tmp_path, tiny_tokenizer_d
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-@pytest.mark.parametrize("shape", [dict(tie_embeddings=True), dict(tie_embeddings=False, n_kv_heads=4),
+@pytest.mark.parametrize("shape", [dict(tie_embeddings=True), dict(tie_embeddings=False, n_kv_heads=4, vocab_size=576),
                                    dict(use_moe=True, n_experts=4, top_k=2, intermediate_size=64)],
-                         ids=["dense-tied-gqa", "dense-untied-mha", "moe-mixtral-shape"])
+                         ids=["dense-tied-gqa", "dense-untied-mha-padded-vocab", "moe-mixtral-shape"])
 def test_llama_cpp_parity(tmp_path, tiny_tokenizer_dir, shape, request):
     needs_llama_cpp()
     make_native(tmp_path / "native", tiny_tokenizer_dir, **shape)
-    types = {"dense-tied-gqa": ["f32", "f16", "q8_0"], "dense-untied-mha": ["f32", "f16"]}.get(request.node.callspec.id, ["f32"])
+    types = {"dense-tied-gqa": ["f32", "f16", "q8_0"], "dense-untied-mha-padded-vocab": ["f32", "f16"]}.get(request.node.callspec.id, ["f32"])
     code = convert_main(["--model", str(tmp_path / "native"), "--out-dir", str(tmp_path / "out"), "--type", *types,
                          "--verify", "--max-new-tokens", "16", "--json", str(tmp_path / "report.json")])
     assert code == 0

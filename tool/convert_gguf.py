@@ -204,12 +204,15 @@ def check_chat(llm, reference: EtudeModel, tokenizer: EtudeTokenizer, messages: 
         failures.append("llama.cpp's chat template renders another prompt than ours")
     stops = (tokenizer.im_end_id, tokenizer.eos_id)
     budget = min(max_new_tokens, reference.config.max_seq_len - len(our_ids))
-    answer_ids = [t for t in reference.generate(our_ids, budget, temperature=0.0, stop_ids=stops) if t not in stops]
-    # llama-cpp-python drops the bytes of a cut UTF-8 character where we print U+FFFD: compare the
-    # answer as it spells our ids (equal text <=> equal ids here).
-    ours = llm.detokenize(answer_ids).decode("utf-8", errors="ignore")
     reply = llm.create_chat_completion(messages=messages, temperature=0.0, repeat_penalty=1.0, max_tokens=budget)
     theirs = reply["choices"][0]["message"]["content"] or ""
+    # llama-cpp-python goes past max_tokens while the text ends inside a UTF-8 character (an
+    # untrained model's habit): decode as many tokens as it did.
+    budget = max(budget, min(reply["usage"]["completion_tokens"], reference.config.max_seq_len - len(our_ids)))
+    answer_ids = [t for t in reference.generate(our_ids, budget, temperature=0.0, stop_ids=stops) if t not in stops]
+    # It also drops the bytes of a cut UTF-8 character where we print U+FFFD: compare the answer
+    # as llama.cpp spells our ids (equal text <=> equal ids here).
+    ours = b"".join(llm.detokenize([t]) for t in answer_ids).decode("utf-8", errors="ignore")
     print(f"verify {type_name}: chat answer {'identical' if theirs == ours else 'differs'}: {theirs!r}"
           f"{'' if theirs == ours or not strict else '  FAILED (ours: ' + repr(ours) + ')'}")
     if strict and theirs != ours:
