@@ -190,3 +190,15 @@ def test_check_tokens_on_data_files(tmp_path, tiny_tokenizer_dir, tiny_text_corp
     assert checked[str(pretrain)] == {"documents": 50, "mismatching": 0, "first": None}
     assert checked[str(sft)]["mismatching"] == 0
     shutil.rmtree(tmp_path / "out")
+
+
+def test_bench_gguf_smoke(tmp_path, tiny_tokenizer_dir):
+    """tool/bench_gguf.py times all four engines and reports each one's agreement with fp32 Etude."""
+    needs_llama_cpp()
+    from tool.bench_gguf import main as bench_main
+    make_native(tmp_path / "native", tiny_tokenizer_dir)
+    assert bench_main(["--model", str(tmp_path / "native"), "--new-tokens", "8", "--repeats", "1", "--warmup", "0",
+                       "--threads", "1", "--json", str(tmp_path / "bench.json")]) == 0
+    engines = json.loads((tmp_path / "bench.json").read_text())["engines"]
+    assert set(engines) == {"etude fp32", "etude --int8", "llama.cpp q8_0", "llama.cpp f16"}
+    assert engines["llama.cpp f16"]["greedy_agree_with_fp32"] == 8 and engines["etude fp32"]["tokens_per_s"] > 0

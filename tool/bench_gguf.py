@@ -59,7 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("error: pip install llama-cpp-python to measure llama.cpp", file=sys.stderr)
         return 2
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return measure(args, Llama)
+    finally:
+        torch.set_num_threads(previous_threads)  # a caller in the same process (a test) keeps its own
+
+
+def measure(args: argparse.Namespace, Llama) -> int:
     folder = Path(args.model)
     tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else load_tokenizer()
     model = load_model_folder(folder).eval()
