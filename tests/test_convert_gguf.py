@@ -12,17 +12,16 @@ import json
 import os
 import shutil
 
+import gguf  # a runtime requirement (requirements.txt): never skipped
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
+from model.gguf_llama import rope_pairs
+from model.tokenizer import CHAT_TEMPLATE, load_tokenizer
+from tool.convert_gguf import main as convert_main
 
-from model.gguf_llama import rope_pairs  # noqa: E402
-from model.tokenizer import CHAT_TEMPLATE, load_tokenizer  # noqa: E402
-from tool.convert_gguf import main as convert_main  # noqa: E402
-
-from tests.test_convert_hf import make_native  # noqa: E402
+from tests.test_convert_hf import make_native
 
 
 def needs_llama_cpp():
