@@ -1,15 +1,21 @@
 """Etude -> GGUF (llama.cpp's file format), written with the `gguf` package, llama.cpp's own writer.
 
-A dense Etude model is llama.cpp's `llama` architecture as it is; so is a mixture of experts of
-Mixtral's shape (softmax router, top-k weights renormalised, no shared expert), whose experts
-llama.cpp's `llama` graph runs from stacked 3-D tensors (`ffn_{gate,up,down}_exps`). Other shapes
-(a shared expert, raw top-k weights) are refused: llama.cpp's Qwen2-MoE graph never renormalises
-and needs a shared expert, so only some of them would fit, and none is verified here.
+Which llama.cpp architecture a model becomes (gguf_arch), each verified against llama.cpp:
 
-Two things differ from the Hugging Face layout (model/hf_llama.py):
+    dense                                               -> llama
+    use_moe, renormalised top-k, no shared expert       -> llama with stacked experts (Mixtral's shape)
+    use_moe, raw top-k weights and a shared expert      -> qwen2moe (softmax, no renormalising, the
+                                                           sigmoid-gated shared expert: Qwen2-MoE's shape)
+    use_moe, the two other combinations                 -> refused: no llama.cpp graph computes them
+    (qwen2moe needs a shared expert, and a zero one is no way out: llama.cpp computes its gate's
+    sigmoid as silu(x) / x, which is 0/0 for a zero gate)
+
+Experts are stored stacked as 3-D tensors (`ffn_{gate,up,down}_exps`). Two more things differ from
+the Hugging Face layout (model/hf_llama.py):
 - rotary embeddings: Etude (like transformers) rotates the two halves of each head, llama.cpp's
   `llama` graph rotates adjacent pairs; the rows of q_proj and k_proj are reordered per head so
-  that the pairs llama.cpp rotates are the ones we rotate (the same dot products come out);
+  that the pairs llama.cpp rotates are the ones we rotate (the same dot products come out).
+  `qwen2moe` rotates halves (NeoX style) like us: its rows stay as they are;
 - the tokenizer travels inside the file: the byte-level BPE tokens as `tokenizers` spells them,
   the merges, token types, special ids, `tokenizer.ggml.pre = "gpt-2"` (the GPT-2 split regex,
   exactly what `tokenizers`' ByteLevel pre-tokenizer applies with use_regex and no prefix space)
@@ -50,6 +56,7 @@ GGUF_TYPES = {
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),  # the 4-bit type whose quantizer the gguf package implements
 }
 LLAMA_ARCH = "llama"
+QWEN2MOE_ARCH = "qwen2moe"
 PRE_TOKENIZER = "gpt-2"
 
 
@@ -110,15 +117,20 @@ def gguf_vocab(tokenizer: EtudeTokenizer, vocab_size: int) -> tuple[list[str], l
 
 # ---- weights -----------------------------------------------------------------------------------
 
-def check_exportable(config: EtudeConfig) -> None:
-    """Refuse, before any work, a model that no verified llama.cpp architecture runs exactly."""
-    if config.use_moe and (config.n_shared_experts or not config.norm_topk_prob):
-        raise ConfigError(
-            "this mixture of experts has " + ("a shared expert" if config.n_shared_experts else
-                                              "top-k weights that are not renormalised (norm_topk_prob false)")
-            + ": llama.cpp's `llama` architecture runs only Mixtral's shape (no shared expert, renormalised "
-            "top-k), and its Qwen2-MoE graph has not been verified against Etude. Export it to Hugging Face "
-            "format with tool/convert_hf.py, or train a model with n_shared_experts 0 and norm_topk_prob true")
+def gguf_arch(config: EtudeConfig) -> str:
+    """The llama.cpp architecture that computes `config`'s model exactly (see the module
+    docstring); a model that none computes is refused, before any work, naming why."""
+    if not config.use_moe or (config.norm_topk_prob and not config.n_shared_experts):
+        return LLAMA_ARCH
+    if not config.norm_topk_prob and config.n_shared_experts:
+        return QWEN2MOE_ARCH
+    shape = ("a shared expert and renormalised top-k weights (norm_topk_prob true)" if config.n_shared_experts
+             else "raw top-k weights (norm_topk_prob false) and no shared expert")
+    raise ConfigError(
+        f"this mixture of experts has {shape}: llama.cpp's `llama` graph renormalises and has no shared expert, "
+        "its `qwen2moe` graph never renormalises and needs a shared expert, so no GGUF would compute what the "
+        "model does. Export it to Hugging Face format with tool/convert_hf.py, or train a GGUF-ready shape: "
+        "n_shared_experts 0 with norm_topk_prob true, or a shared expert with norm_topk_prob false")
 
 
 def rope_pairs(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -133,8 +145,12 @@ def rope_pairs(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 def gguf_tensors(model: EtudeModel) -> dict[str, tuple[torch.Tensor, list[str]]]:
     """GGUF tensor name -> (fp32 tensor, the Etude weight names it is made of)."""
     config = model.config
+    arch = gguf_arch(config)
     state = model.state_dict_for_save()
     out: dict[str, tuple[torch.Tensor, list[str]]] = {}
+    # Only llama.cpp's `llama` graph rotates adjacent pairs (see the module docstring).
+    q_rows = (lambda w: rope_pairs(w, config.n_heads)) if arch == LLAMA_ARCH else None
+    k_rows = (lambda w: rope_pairs(w, config.n_kv_heads)) if arch == LLAMA_ARCH else None
 
     def put(gguf_name: str, etude_name: str, transform=None):
         tensor = state[etude_name].float()
@@ -144,8 +160,8 @@ def gguf_tensors(model: EtudeModel) -> dict[str, tuple[torch.Tensor, list[str]]]
     for i in range(config.n_layers):
         layer, blk = f"layers.{i}.", f"blk.{i}."
         put(blk + "attn_norm", layer + "input_layernorm.weight")
-        put(blk + "attn_q", layer + "self_attn.q_proj.weight", lambda w: rope_pairs(w, config.n_heads))
-        put(blk + "attn_k", layer + "self_attn.k_proj.weight", lambda w: rope_pairs(w, config.n_kv_heads))
+        put(blk + "attn_q", layer + "self_attn.q_proj.weight", q_rows)
+        put(blk + "attn_k", layer + "self_attn.k_proj.weight", k_rows)
         put(blk + "attn_v", layer + "self_attn.v_proj.weight")
         put(blk + "attn_output", layer + "self_attn.o_proj.weight")
         put(blk + "ffn_norm", layer + "post_attention_layernorm.weight")
@@ -157,9 +173,15 @@ def gguf_tensors(model: EtudeModel) -> dict[str, tuple[torch.Tensor, list[str]]]
         for part in ("gate", "up", "down"):
             names = [f"{layer}mlp.experts.{e}.{part}_proj.weight" for e in range(config.n_experts)]
             out[f"{blk}ffn_{part}_exps.weight"] = (torch.stack([state[n].float() for n in names]), names)
+        if arch == QWEN2MOE_ARCH:
+            for part in ("gate", "up", "down"):
+                put(f"{blk}ffn_{part}_shexp", f"{layer}mlp.shared_expert.{part}_proj.weight")
+            put(blk + "ffn_gate_inp_shexp", layer + "mlp.shared_expert_gate.weight", lambda w: w.reshape(-1))
     put("output_norm", "norm.weight")
-    if not config.tie_embeddings:  # tied: llama.cpp reuses token_embd as the output layer
+    if not config.tie_embeddings:
         put("output", "lm_head.weight")
+    elif arch == QWEN2MOE_ARCH:  # `llama` reuses token_embd when output is absent, `qwen2moe` needs it
+        put("output", "embed_tokens.weight")
     return out
 
 
@@ -190,10 +212,12 @@ def rounded_model(model: EtudeModel, type_name: str) -> EtudeModel:
         return model
     rounded = copy.deepcopy(model)
     params = dict(rounded.named_parameters())
+    done = set()  # a tied matrix stored twice (qwen2moe's output) is rounded once, alike both times
     with torch.no_grad():
         for name, (tensor, sources) in gguf_tensors(model).items():
             qtype = tensor_type(name, tensor, type_name)
-            for source in sources:
+            for source in set(sources) - done:
+                done.add(source)
                 weight = params[source]
                 stored = gguf.quants.dequantize(_encode(weight.detach().float(), qtype), qtype)
                 weight.copy_(torch.from_numpy(np.ascontiguousarray(stored, dtype=np.float32)).view_as(weight))
@@ -207,13 +231,13 @@ def write_gguf(model: EtudeModel, tokenizer: EtudeTokenizer, path: Path | str, t
     """Write `model` with its tokenizer to the GGUF file `path` (type f32|f16|bf16|q8_0|q4_0)."""
     g = require_gguf()
     config = model.config
-    check_exportable(config)
+    arch = gguf_arch(config)
     refusal = tokenizer_refusal(tokenizer)
     if refusal:
         raise ConfigError(refusal)
     if type_name not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {type_name!r}; choose one of {', '.join(GGUF_TYPES)}")
-    writer = g.GGUFWriter(str(path), LLAMA_ARCH)
+    writer = g.GGUFWriter(str(path), arch)
     writer.add_name(name)
     writer.add_type("model")
     writer.add_file_type(int(g.LlamaFileType[GGUF_TYPES[type_name][1]]))
@@ -234,6 +258,9 @@ def write_gguf(model: EtudeModel, tokenizer: EtudeTokenizer, path: Path | str, t
     if config.use_moe:
         writer.add_expert_count(config.n_experts)
         writer.add_expert_used_count(config.top_k)
+    if arch == QWEN2MOE_ARCH:
+        writer.add_expert_feed_forward_length(config.intermediate_size)
+        writer.add_expert_shared_feed_forward_length(config.n_shared_experts * config.intermediate_size)
 
     tokens, types, merges = gguf_vocab(tokenizer, config.vocab_size)
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE

@@ -113,9 +113,11 @@ def test_rope_pairs_turns_rotate_half_into_adjacent_pairs():
 
 
 def test_refuses_what_llama_cpp_would_run_differently(tmp_path, tiny_tokenizer_dir, capsys):
-    make_native(tmp_path / "moe", tiny_tokenizer_dir, use_moe=True, n_experts=4, top_k=2, n_shared_experts=1)
-    assert convert_main(["--model", str(tmp_path / "moe"), "--out-dir", str(tmp_path / "out")]) == 2
-    assert "shared expert" in capsys.readouterr().err
+    for shared, renormalised in ((1, True), (0, False)):  # neither llama.cpp graph computes these two
+        make_native(tmp_path / "moe", tiny_tokenizer_dir, use_moe=True, n_experts=4, top_k=2,
+                    n_shared_experts=shared, norm_topk_prob=renormalised)
+        assert convert_main(["--model", str(tmp_path / "moe"), "--out-dir", str(tmp_path / "out")]) == 2
+        assert "no GGUF would compute what the model does" in capsys.readouterr().err
 
     make_native(tmp_path / "native", tiny_tokenizer_dir)
     data = json.loads((tmp_path / "native" / "tokenizer.json").read_text())
@@ -128,8 +130,11 @@ def test_refuses_what_llama_cpp_would_run_differently(tmp_path, tiny_tokenizer_d
 
 
 @pytest.mark.parametrize("shape", [dict(tie_embeddings=True), dict(tie_embeddings=False, n_kv_heads=4, vocab_size=576),
-                                   dict(use_moe=True, n_experts=4, top_k=2, intermediate_size=64)],
-                         ids=["dense-tied-gqa", "dense-untied-mha-padded-vocab", "moe-mixtral-shape"])
+                                   dict(use_moe=True, n_experts=4, top_k=2, intermediate_size=64),
+                                   dict(use_moe=True, n_experts=4, top_k=2, intermediate_size=64, n_shared_experts=1,
+                                        norm_topk_prob=False)],
+                         ids=["dense-tied-gqa", "dense-untied-mha-padded-vocab", "moe-mixtral-shape-llama",
+                              "moe-qwen2moe-shape"])
 def test_llama_cpp_parity(tmp_path, tiny_tokenizer_dir, shape, request):
     needs_llama_cpp()
     make_native(tmp_path / "native", tiny_tokenizer_dir, **shape)
@@ -144,6 +149,8 @@ def test_llama_cpp_parity(tmp_path, tiny_tokenizer_dir, shape, request):
         if type_name in ("f32", "f16"):
             assert figures["greedy_agree"] == figures["greedy_tokens"] and all(c["identical"] for c in figures["chats"])
     assert report["f32"]["max_logit_diff"] < 1e-3
+    arch = field(gguf.GGUFReader(tmp_path / "out" / "native-f32.gguf"), "general.architecture")
+    assert arch == ("qwen2moe" if request.node.callspec.id == "moe-qwen2moe-shape" else "llama")
 
 
 def _merges_reversed(original):

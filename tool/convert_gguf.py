@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from config import GGUF_DIR, SFT_DIR, SPECIAL_TOKENS, TOKENIZER_DIR, ConfigError
-from model.gguf_llama import GGUF_TYPES, check_exportable, modelfile, rounded_model, tokenizer_refusal, write_gguf
+from model.gguf_llama import GGUF_TYPES, gguf_arch, modelfile, rounded_model, tokenizer_refusal, write_gguf
 from model.model import EtudeModel
 from model.lora import resolve_adapter
 from model.tokenizer import EtudeTokenizer
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
         if not Path(file).is_file():
             raise FileNotFoundError(f"--check-tokens {file}: no such file")
     model = load_source_model(source, resolve_adapter(args.lora) if args.lora else None)
-    check_exportable(model.config)
+    arch = gguf_arch(model.config)
     tokenizer = export_tokenizer(source, args.tokenizer_dir, model)
     refusal = tokenizer_refusal(tokenizer)
     if refusal:
@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir or GGUF_DIR)
     types = list(dict.fromkeys(args.type))
     print(f"exporting {source} ({model.num_parameters() / 1e6:.2f}M parameters) to {out_dir} as GGUF "
-          f"{', '.join(types)} (llama.cpp architecture llama{', mixture of experts' if model.config.use_moe else ''})")
+          f"{', '.join(types)} (llama.cpp architecture {arch}{', mixture of experts' if model.config.use_moe else ''})")
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".gguf.", suffix=".tmp", dir=out_dir))
     report = {"model": str(source), "types": {}}
