@@ -8,8 +8,9 @@
 
 Writes <out-dir>/<name>-<type>.gguf for each --type (f32, f16, bf16, q8_0, q4_0; default q8_0) and
 an Ollama `Modelfile` beside them whose FROM is the first type given (ChatML template, the stop
-tokens, inference/inference.py's default sampling). The format: llama.cpp's `llama` architecture
-(model/gguf_llama.py), the byte-level BPE tokenizer with pre-tokenizer "gpt-2", the ChatML template.
+tokens, inference/inference.py's default sampling). The format (model/gguf_llama.py): llama.cpp's
+`llama` architecture (`qwen2moe` for a Qwen2-MoE-shaped mixture of experts), the byte-level BPE
+tokenizer with pre-tokenizer "gpt-2", the ChatML template.
 Files appear only when all of them are complete (and, with --verify, all checks passed).
 
 --verify loads each file with llama.cpp (pip install llama-cpp-python) and checks against the Etude
