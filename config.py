@@ -24,6 +24,7 @@ PRETRAINED_DIR = WEIGHT_DIR / "etude_pretrained_model"
 SFT_DIR = WEIGHT_DIR / "etude_sft_model"
 LORA_DIR = WEIGHT_DIR / "lora"
 HF_DIR = WEIGHT_DIR / "etude_hf_model"
+GGUF_DIR = WEIGHT_DIR / "etude_gguf"
 
 DATA_DIR = ROOT / "training_data"
 PRETRAIN_DATA = DATA_DIR / "pretrain.jsonl"
