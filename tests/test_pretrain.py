@@ -154,10 +154,12 @@ def test_malformed_jsonl_names_file_and_line(tiny_tokenizer_dir, tmp_path, line,
     assert meta["skipped_lines"] == 1 and meta["n_documents"] == 1
 
 
-def test_missing_data_names_the_command(tiny_tokenizer_dir, tmp_path, capsys):
+def test_missing_data_names_the_path(tiny_tokenizer_dir, tmp_path, capsys):
     code = pretrain_main(["--data", str(tmp_path / "nope.jsonl"), "--tokenizer-dir", str(tiny_tokenizer_dir),
                           "--out-dir", str(tmp_path / "o")])
-    assert code == 2 and "tool/prepare_data.py" in capsys.readouterr().err
+    # The user named the file, so the fix is the path (the demo-data command is for a missing default:
+    # tests/test_first_run.py).
+    assert code == 2 and "nope.jsonl (from --data); check the path" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cwd", [ROOT, ROOT / "train"])
