@@ -85,10 +85,10 @@ def test_missing_data_is_reported_before_the_configuration(tmp_path, tiny_tokeni
 def test_a_missing_default_points_at_the_demo_data(tmp_path):
     cfg = TrainConfig(data=str(tmp_path / "pretrain.jsonl"), val_data=str(tmp_path / "pretrain.val.jsonl"))
     with pytest.raises(FileNotFoundError, match=r"not found at the default .*prepare_data.py`, or pass --data"):
-        check_data_files(cfg, given=set())
+        check_data_files(cfg, SimpleNamespace(data=None, val_data=None))
     (tmp_path / "pretrain.jsonl").write_text("{}\n")
     with pytest.raises(FileNotFoundError, match="--val-data none to train without validation"):
-        check_data_files(cfg, given=set())
+        check_data_files(cfg, SimpleNamespace(data=None, val_data=None))
 
 
 def test_the_demo_says_how_long_it_takes_and_warns_when_slow(monkeypatch, capsys):

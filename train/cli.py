@@ -103,13 +103,15 @@ def train_config_from_args(stage: str, args: argparse.Namespace) -> TrainConfig:
     check_tracker(cfg.tracker)  # a missing package stops here, before any data is read
     if cfg.val_data == "":
         cfg.val_data = None
-    check_data_files(cfg, given={name for name in ("data", "val_data") if flags[name]})
     return cfg
 
 
-def check_data_files(cfg: TrainConfig, given: set[str]) -> None:
-    """Stop before anything is printed or built when a data file is missing. A path the user
-    typed is theirs to fix; a missing default means the demo data was never built."""
+def check_data_files(cfg: TrainConfig, args: argparse.Namespace) -> None:
+    """Stop before the configuration is printed or anything is built when a data file is
+    missing. A path the user typed is theirs to fix; a missing default means the demo data was
+    never built. (Stages call it after loading the model they start from, so that a missing
+    earlier stage is named first.)"""
+    given = {name for name in ("data", "val_data") if getattr(args, name, None)}
     for name, flag in (("data", "--data"), ("val_data", "--val-data")):
         path = getattr(cfg, name)
         if not path or Path(path).is_file():

@@ -27,7 +27,7 @@ from config import CHECKPOINT_SUBDIR, LORA_DIR, ConfigError, read_json
 from model.checkpoint import WEIGHTS_FILE, atomic_write_json
 from model.lora import (ADAPTER_WEIGHTS_FILE, DEFAULT_TARGETS, adapter_settings, apply_lora, check_lora_settings,
                         display_path, save_adapter)
-from train.cli import build_parser, load_init_model, print_config, run_stage, train_config_from_args
+from train.cli import build_parser, check_data_files, load_init_model, print_config, run_stage, train_config_from_args
 from train.sft_data import load_sft_data
 from train.trainer import Trainer, find_resume_state
 
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             check_resumable(out_dir, model, settings, base)
         blocks = {name.split(".")[1] for name in wrapped if name.startswith("layers.")}
         where = f"{len(wrapped)} linear layers in {len(blocks)} blocks" if blocks else f"{len(wrapped)} linear layers"
+        check_data_files(cfg, args)
         print_config(f"LoRA on {cfg.init_from} ({where}) with", lora=adapter_settings(model),
                      model=model.config.applicable(), run=cfg.applicable())
         train_data = load_sft_data(cfg.data, tokenizer, cfg.seq_len, cfg.skip_bad_lines)

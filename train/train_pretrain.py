@@ -23,7 +23,8 @@ import torch
 from config import ConfigError, preset_model_config
 from model.model import EtudeModel
 from model.tokenizer import load_tokenizer
-from train.cli import build_parser, load_init_model, parse_model_overrides, print_config, run_stage, train_config_from_args
+from train.cli import (build_parser, check_data_files, load_init_model, parse_model_overrides, print_config, run_stage,
+                       train_config_from_args)
 from train.data import load_pretrain_data, unigram_bits_per_byte
 from train.trainer import Trainer
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             model_config = preset_model_config(args.preset or "small", **overrides)
             if model_config.max_seq_len < cfg.seq_len:
                 model_config = preset_model_config(args.preset or "small", **{**overrides, "max_seq_len": cfg.seq_len})
+        check_data_files(cfg, args)
         print_config("pretraining with", model=model_config.applicable(), run=cfg.applicable())
         train_data = load_pretrain_data(cfg.data, tokenizer, cfg.seq_len, cfg.skip_bad_lines)
         val_data = load_pretrain_data(cfg.val_data, tokenizer, cfg.seq_len, cfg.skip_bad_lines) \
