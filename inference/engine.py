@@ -98,8 +98,9 @@ class StopMatcher:
 @dataclass
 class Request:
     """One generation: a prompt, how to sample it, and where its output goes. `emit(kind, data)`
-    is called from the engine's thread with ("delta", text), then once ("done", {"finish_reason",
-    "prompt_tokens", "completion_tokens"}) or ("error", message); not at all for a cancelled one.
+    is called from the engine's thread with ("delta", text), then once: ("done", {"finish_reason",
+    "prompt_tokens", "completion_tokens"}), ("error", message), or ("cancelled", None) when the
+    engine dropped it after `cancelled` was set.
     `output_ids` holds the generated ids (the stop id included) when it is done."""
 
     prompt_ids: list[int]
@@ -264,10 +265,14 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         with self.lock:
+            dropped = [r for r in self.waiting if r.cancelled.is_set()]
             self.waiting = deque(r for r in self.waiting if not r.cancelled.is_set())
         for row in self.rows:
             if row is not None and row.request.cancelled.is_set():
                 self.rows[row.slot] = None
+                dropped.append(row.request)
+        for request in dropped:
+            request.emit("cancelled", None)
 
     def _admit(self) -> None:
         with self.lock:

@@ -21,7 +21,8 @@ import torch
 
 from config import ROOT, EtudeConfig
 from inference.inference import Chat
-from inference.server import StopMatcher, main as server_main
+from inference.engine import StopMatcher
+from inference.server import main as server_main
 from model.lora import apply_lora, load_adapter, lora_modules, save_adapter
 from model.checkpoint import load_model_folder, save_model_folder
 from model.model import IGNORE_INDEX, EtudeModel
