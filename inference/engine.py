@@ -35,7 +35,6 @@ you expect; prefix reuse was measured and left out (see README, Serving).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -168,13 +167,20 @@ def cache_bytes(model: EtudeModel, max_batch: int, context: int) -> int:
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes that a new allocation can take on `device` (None when unknown)."""
+    """Bytes that a new allocation can take on `device` (None when unknown): CUDA's free memory,
+    or Linux's MemAvailable (free memory plus the page cache it can drop)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+    if device.type != "cpu":
         return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class Engine:
@@ -275,20 +281,22 @@ class Engine:
             request.emit("cancelled", None)
 
     def _admit(self) -> None:
+        admitted = []
         with self.lock:
             for slot in range(self.max_batch):
                 if self.rows[slot] is None and self.waiting:
                     request = self.waiting.popleft()
-                    prompt = request.prompt_ids
-                    budget = min(request.max_new_tokens, self.context - len(prompt))
-                    row = _Row(request, slot, budget)
-                    if self.tokenizer is not None:
-                        row.decoder, row.matcher = StreamDecoder(self.tokenizer), StopMatcher(request.stop)
-                    self.rows[slot] = row
-                    if budget <= 0:  # as generate(): a prompt that fills the context gets nothing
-                        self._finish(row, "length")
-                    else:
-                        self.history[slot, :len(prompt)] = torch.as_tensor(prompt)
+                    budget = min(request.max_new_tokens, self.context - len(request.prompt_ids))
+                    self.rows[slot] = _Row(request, slot, budget)
+                    admitted.append(self.rows[slot])
+        for row in admitted:  # outside the lock: emit() may take a lock of the caller's
+            prompt = row.request.prompt_ids
+            if self.tokenizer is not None:
+                row.decoder, row.matcher = StreamDecoder(self.tokenizer), StopMatcher(row.request.stop)
+            if row.budget <= 0:  # as generate(): a prompt that fills the context gets nothing
+                self._finish(row, "length")
+            else:
+                self.history[row.slot, :len(prompt)] = torch.as_tensor(prompt)
 
     def _prefill(self) -> None:
         spent = 0
