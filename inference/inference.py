@@ -30,9 +30,9 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 import torch
 
 from config import PRETRAINED_DIR, SFT_DIR
+from inference.engine import Engine, Request, StreamDecoder
 from model.checkpoint import load_model_folder
 from model.lora import load_adapter, merge_and_unload, resolve_adapter
-from inference.engine import Engine, Request, StreamDecoder
 from model.decoding import inference_dtype, merge_projections, pick_inference_device, quantize_int8
 from model.model import EtudeModel
 from model.tokenizer import EtudeTokenizer, load_tokenizer, not_text, validate_messages

@@ -146,8 +146,8 @@ class Admission:
                     self.counts["generated_tokens"] += len(request.output_ids)
             job.emit(kind, data)
 
-        request = Generation(job.prompt_ids, chat.max_new_tokens, chat.generator, stop_ids=chat.stop_ids, stop=job.stop,
-                          emit=emit, cancelled=job.cancelled, **chat.sampling)
+        request = Generation(job.prompt_ids, chat.max_new_tokens, chat.generator, stop_ids=chat.stop_ids,
+                             stop=job.stop, emit=emit, cancelled=job.cancelled, **chat.sampling)
         with self.lock:
             self.preparing -= 1
             self.engine.submit(request)
