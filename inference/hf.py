@@ -22,7 +22,7 @@ import secrets
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:
@@ -160,8 +160,19 @@ class HFChat:
     def answer(self, messages: list[dict]) -> str:
         return "".join(self.stream(messages))
 
-    def answer_batch(self, conversations: list[list[dict]]) -> list[str]:
-        """Answers for several conversations in one left-padded generate call."""
+    def answer_batch(self, conversations: list[list[dict]], max_batch: int | None = None,
+                     progress: Callable[[int], None] | None = None) -> list[str]:
+        """Answers for several conversations, `max_batch` per left-padded generate call;
+        `progress(n)` is called when n answers are done."""
+        step = max_batch or len(conversations)
+        answers: list[str] = []
+        for start in range(0, len(conversations), step):
+            answers += self._answer_together(conversations[start:start + step])
+            if progress is not None:
+                progress(len(answers))
+        return answers
+
+    def _answer_together(self, conversations: list[list[dict]]) -> list[str]:
         prompts = batch_prompts(self, conversations)
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)

@@ -30,6 +30,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 import torch
 
 from config import PRETRAINED_DIR, SFT_DIR
+from inference.engine import Engine, Request, StreamDecoder
 from model.checkpoint import load_model_folder
 from model.lora import load_adapter, merge_and_unload, resolve_adapter
 from model.decoding import inference_dtype, merge_projections, pick_inference_device, quantize_int8
@@ -107,12 +108,30 @@ class Chat:
     def answer(self, messages: list[dict]) -> str:
         return "".join(self.stream(messages))
 
-    def answer_batch(self, conversations: list[list[dict]]) -> list[str]:
+    def answer_batch(self, conversations: list[list[dict]], max_batch: int | None = None,
+                     progress: Callable[[int], None] | None = None) -> list[str]:
+        """Answers to many conversations, decoded together by the continuous-batching engine
+        (inference/engine.py) in up to `max_batch` rows at once. Each answer samples with its own
+        generator, seeded from this chat's, so a seeded batch gives the same answers every run;
+        greedy answers equal what answer() gives one by one (see the engine on exactness).
+        `progress(n)` is called as the n-th answer is done."""
         prompts = batch_prompts(self, conversations)
-        outputs = self.model.generate_batch(prompts, self.max_new_tokens, stop_ids=self.stop_ids,
-                                            pad_id=self.tokenizer.pad_id, generator=self.generator,
-                                            **self.sampling)
-        return [self.tokenizer.decode([t for t in out if t not in self.stop_ids]) for out in outputs]
+        engine = Engine(self.model, self.tokenizer, max_batch=min(max_batch or len(prompts), len(prompts)))
+        device, done = self.model.embed_tokens.weight.device, []
+
+        def count_done(kind: str, data: dict) -> None:
+            if kind == "done" and progress is not None:
+                done.append(data)
+                progress(len(done))
+
+        requests = [Request(ids, self.max_new_tokens, torch.Generator(device).manual_seed(self.row_seed()),
+                            stop_ids=self.stop_ids, emit=count_done, **self.sampling) for ids in prompts]
+        engine.run(requests)
+        return [self.tokenizer.decode([t for t in r.output_ids if t not in self.stop_ids]) for r in requests]
+
+    def row_seed(self) -> int:
+        """A seed for one row of a batch, drawn from this chat's generator (so --seed fixes them all)."""
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator))
 
 
 class PromptTooLong(ValueError):
@@ -220,27 +239,6 @@ def batch_prompts(chat, conversations: list[list[dict]]) -> list[list[int]]:
     return prompts
 
 
-class StreamDecoder:
-    """Turns token ids into text as they arrive. A byte-level token may end inside a
-    multi-byte character; such text is held back until the character is complete."""
-
-    def __init__(self, tokenizer: EtudeTokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
-
-
 def resolve_model_folder(requested: str | None) -> Path:
     """--model, or the SFT model, or (with a note) the pretrained one."""
     if requested:
@@ -314,13 +312,15 @@ def read_batch_input(path: Path, system: str | None) -> list[tuple[dict, list[di
 def run_batch(chat: Chat, args: argparse.Namespace) -> None:
     items = read_batch_input(Path(args.input), args.system)
     output = Path(args.output) if args.output else None
-    lines = []
-    for start in range(0, len(items), args.batch_size):
-        chunk = items[start:start + args.batch_size]
-        answers = chat.answer_batch([messages for _, messages in chunk])
-        lines.extend(json.dumps({**record, "answer": answer}, ensure_ascii=False)
-                     for (record, _), answer in zip(chunk, answers))
-        print(f"answered {min(start + args.batch_size, len(items))}/{len(items)}", file=sys.stderr)
+    every, shown = max(1, len(items) // 10), [0]
+
+    def progress(count: int) -> None:
+        if count - shown[0] >= every or count == len(items):
+            shown[0] = count
+            print(f"answered {count}/{len(items)}", file=sys.stderr)
+
+    answers = chat.answer_batch([messages for _, messages in items], args.batch_size, progress)
+    lines = [json.dumps({**record, "answer": answer}, ensure_ascii=False) for (record, _), answer in zip(items, answers)]
     text = "".join(line + "\n" for line in lines)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -395,7 +395,8 @@ def build_parser(description: str = __doc__,
     add("--prompt", help="answer this one message and exit")
     add("--input", help="JSONL of prompts to answer in batches")
     add("--output", help="where batch answers go (default: standard output)")
-    add("--batch-size", type=int, default=8, help="prompts per batch with --input (default 8)")
+    add("--batch-size", type=int, default=8,
+        help="with --input: answers decoded together by the continuous-batching engine (default 8)")
     add("--system", help="system prompt")
     add("--temperature", type=float, default=0.7, help="0 for greedy decoding (default 0.7)")
     add("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 for all (default 40)")

@@ -34,10 +34,13 @@ closing <|im_end|> included.
 A request is checked in this order, each check cheap before the next: headers (within
 --header-timeout), size (--max-body-bytes, within --body-timeout), room in the queue (--max-queue;
 429 at once). Then, in a worker thread so that the server keeps answering meanwhile: JSON, message
-count (--max-messages) and characters (--max-chars), and only then tokenizing. One
-generation thread runs the model, one request at a time in arrival order. A client that
-disconnects (or presses stop on the page) cancels its request: the worker drops it between two
-tokens, or before it starts.
+count (--max-messages) and characters (--max-chars), and only then tokenizing. The
+continuous-batching engine (inference/engine.py) then decodes up to --max-batch requests together,
+one token each per step, taking waiting requests in arrival order as slots free up; a seeded
+request gives the same text whatever else is running. Its KV cache (--max-batch slots of the
+whole context) is allocated at start-up, its size printed, and a setting that does not fit in
+memory is refused. A client that disconnects (or presses stop on the page) cancels its request:
+the engine drops it at its next step, or before it starts.
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import queue
 import secrets
 import sys
 import threading
@@ -73,38 +75,13 @@ from inference.chat_request import (TRUNCATION, Limits, RequestError, Settings, 
                                     parse_request, prepare_prompt)
 from inference.http_guard import API_KEY_ENV, ErrorResponse, Guard, header_timeout_protocol, is_loopback, read_body, \
     refusal, resolve_api_key
-from inference.inference import Chat, StreamDecoder, build_chat, resolve_model_folder, sampling_problems
+from inference.engine import Engine, Request as Generation, cache_bytes
+from inference.inference import Chat, build_chat, resolve_model_folder, sampling_problems
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
 
-# ---- stop strings --------------------------------------------------------------------------
-
-class StopMatcher:
-    """Cuts streamed text at the first stop string. Text that could be the start of a stop
-    string is held back until the next piece tells, so a stop string is never half-sent."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.pending = stops, ""
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """The text that is safe to send now, and whether a stop string was reached."""
-        text = self.pending + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return text[:min(hits)], True
-        keep = max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
-                    if text.endswith(s[:n])), default=0)
-        self.pending = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
-
-
-# ---- the worker ----------------------------------------------------------------------------
+# ---- the waiting line in front of the engine -----------------------------------------------
 
 class Overloaded(Exception):
     pass
@@ -128,95 +105,61 @@ class Job:
             self.cancelled.set()
 
 
-class Engine:
-    """Runs jobs on one worker thread, first come first served, with a bounded waiting line. A
-    request takes its place in the line (reserve) before its prompt is prepared, so that a full
-    line refuses it before any tokenizing; it then either submits its job or gives the place back."""
+class Admission:
+    """The server's side of the continuous-batching engine: a bounded line (max_batch generating,
+    max_queue more waiting) and the outcome counts. A request takes its place (reserve) before its
+    prompt is prepared, so that a full line refuses it before any tokenizing; it then either
+    submits its job or gives the place back."""
 
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
+    def __init__(self, engine: Engine, max_queue: int):
+        self.engine, self.max_queue = engine, max_queue
         self.lock = threading.Lock()
-        self.waiting = 0
-        self.running = 0
+        self.preparing = 0  # places reserved by requests whose prompt is being prepared
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0, "generated_tokens": 0}
-        self.thread = threading.Thread(target=self._work, name="etude-generation", daemon=True)
-        self.thread.start()
+        engine.start()
 
     def reserve(self) -> None:
         """A place in the line, or Overloaded when there is none."""
         with self.lock:
-            if self.waiting + self.running > self.max_queue:
+            line = self.engine.status()
+            if self.preparing + line["waiting"] + line["active"] >= self.engine.max_batch + self.max_queue:
                 self.counts["rejected"] += 1
-                raise Overloaded(f"the server is busy: {self.running} request generating and {self.waiting} "
-                                 f"waiting (--max-queue {self.max_queue}); retry shortly")
-            self.waiting += 1
+                raise Overloaded(f"the server is busy: {line['active']} request(s) generating and "
+                                 f"{line['waiting'] + self.preparing} waiting (--max-batch {self.engine.max_batch}, "
+                                 f"--max-queue {self.max_queue}); retry shortly")
+            self.preparing += 1
 
     def release(self) -> None:
         """Give back a reserved place whose request was refused while its prompt was prepared."""
         with self.lock:
-            self.waiting -= 1
+            self.preparing -= 1
 
     def submit(self, job: Job) -> None:
-        """Queue the job of a reserved place."""
-        self.jobs.put(job)
+        """Hand the job of a reserved place to the engine."""
+        chat = job.chat
+
+        def emit(kind: str, data: Any) -> None:
+            if kind in ("done", "error", "cancelled"):
+                outcome = {"done": "completed", "error": "failed", "cancelled": "cancelled"}[kind]
+                with self.lock:
+                    self.counts[outcome] += 1
+                    self.counts["generated_tokens"] += len(request.output_ids)
+            job.emit(kind, data)
+
+        request = Generation(job.prompt_ids, chat.max_new_tokens, chat.generator, stop_ids=chat.stop_ids,
+                             stop=job.stop, emit=emit, cancelled=job.cancelled, **chat.sampling)
+        with self.lock:
+            self.preparing -= 1
+            self.engine.submit(request)
 
     def status(self) -> dict:
         with self.lock:
-            return {"running": self.running, "waiting": self.waiting, "max_queue": self.max_queue, **self.counts}
+            line = self.engine.status()
+            return {"active": line["active"], "running": line["active"], "waiting": line["waiting"] + self.preparing,
+                    "max_batch": self.engine.max_batch, "max_queue": self.max_queue, **self.counts}
 
     def close(self) -> None:
-        self.jobs.put(None)
-
-    def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            with self.lock:
-                self.waiting -= 1
-                self.running = 1
-            outcome = "cancelled"
-            try:
-                if not job.cancelled.is_set():
-                    outcome = self._generate(job)
-            except Exception as exc:  # report it to the client; the worker must live on
-                outcome = "failed"
-                job.emit("error", f"generation failed: {type(exc).__name__}: {exc}")
-            with self.lock:
-                self.running = 0
-                self.counts[outcome] += 1
-
-    def _generate(self, job: Job) -> str:
-        chat = job.chat
-        decoder, matcher = StreamDecoder(chat.tokenizer), StopMatcher(job.stop)
-        produced, finish, cut = 0, "length", False
-        tokens = chat.model.generate(job.prompt_ids, chat.max_new_tokens, stop_ids=chat.stop_ids,
-                                     generator=chat.generator, **chat.sampling)
-        try:
-            for token in tokens:
-                produced += 1
-                with self.lock:
-                    self.counts["generated_tokens"] += 1
-                if job.cancelled.is_set():
-                    return "cancelled"
-                if token in chat.stop_ids:
-                    finish = "stop"
-                    break
-                text, cut = matcher.push(decoder.push(token))
-                if text:
-                    job.emit("delta", text)
-                if cut:
-                    finish = "stop"
-                    break
-        finally:
-            tokens.close()
-        if not cut:  # the decoder's held-back bytes and the matcher's held-back text
-            text, cut = matcher.push(decoder.flush())
-            finish = "stop" if cut else finish
-            text += "" if cut else matcher.flush()
-            if text:
-                job.emit("delta", text)
-        job.emit("done", {"finish_reason": finish, "prompt_tokens": len(job.prompt_ids),
-                          "completion_tokens": produced})
-        return "completed"
+        self.engine.close()
 
 
 # ---- the HTTP app --------------------------------------------------------------------------
@@ -239,13 +182,15 @@ def request_chat(base: Chat, settings: Settings) -> Chat:
 
 def create_app(base: Chat, model_name: str, max_queue: int = 16, limits: Limits = Limits(),
                api_key: str | None = None, check_host: bool = False, allowed_origins: tuple[str, ...] = (),
-               truncation: str = "disabled") -> FastAPI:
-    """The FastAPI app serving `base` (its model, tokenizer and default sampling) as `model_name`.
-    `check_host` (for a server bound to loopback) refuses a Host header that names another machine;
-    `truncation` is what a request that does not say gets for a prompt longer than the context."""
-    engine = Engine(max_queue)
+               truncation: str = "disabled", max_batch: int = 8) -> FastAPI:
+    """The FastAPI app serving `base` (its model, tokenizer and default sampling) as `model_name`,
+    decoding up to `max_batch` requests together. `check_host` (for a server bound to loopback)
+    refuses a Host header that names another machine; `truncation` is what a request that does not
+    say gets for a prompt longer than the context. Raises ValueError when the KV cache of
+    `max_batch` slots would not fit in memory."""
+    engine = Admission(Engine(base.model, base.tokenizer, max_batch), max_queue)
     # One thread prepares prompts (tokenizing), so that the event loop keeps answering meanwhile
-    # and admitted requests reach the generation thread in the order they came.
+    # and admitted requests reach the engine in the order they came.
     preparing = ThreadPoolExecutor(1, thread_name_prefix="etude-prompt")
     created = int(time.time())
 
@@ -393,8 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model-name", help="the model id clients use (default: the folder's name, +NAME with --lora)")
     add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     add("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    add("--max-batch", type=int, default=8,
+        help="requests decoded together (KV-cache slots, allocated at start-up; default 8)")
     add("--max-queue", type=int, default=16,
-        help="requests that may wait while one generates; more get 429 at once (default 16)")
+        help="requests that may wait while --max-batch generate; more get 429 at once (default 16)")
     add("--threads", type=int, help="torch CPU threads for generation (default: torch's choice)")
     add("--temperature", type=float, default=0.7, help="default when a request gives none; 0 is greedy (0.7)")
     add("--top-p", type=float, default=0.9, help="default nucleus sampling mass (0.9)")
@@ -432,6 +379,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     problems = []
     if not 0 <= args.port <= 65535:
         problems.append(f"--port must be in 0..65535, got {args.port}")
+    if args.max_batch < 1:
+        problems.append(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.max_queue < 0:
         problems.append(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.threads is not None and args.threads < 1:
@@ -469,8 +418,16 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(args.max_body_bytes, args.max_messages, args.max_chars, args.header_timeout, args.body_timeout)
     loopback = is_loopback(args.host)
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
-    app = create_app(base, name, args.max_queue, limits, api_key=api_key, check_host=loopback,
-                     allowed_origins=origins, truncation=args.truncation)
+    model = base.model
+    print(f"KV cache: {args.max_batch} slots x {model.config.max_seq_len} positions, "
+          f"{cache_bytes(model, args.max_batch, model.config.max_seq_len) / 2**20:,.1f} MiB "
+          f"({model.embed_tokens.weight.dtype}, {model.embed_tokens.weight.device})", file=sys.stderr, flush=True)
+    try:
+        app = create_app(base, name, args.max_queue, limits, api_key=api_key, check_host=loopback,
+                         allowed_origins=origins, truncation=args.truncation, max_batch=args.max_batch)
+    except ValueError as exc:  # the KV cache does not fit
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not loopback and api_key is None:
         print(f"warning: binding {args.host} without an API key: anyone who can reach this port can use the "
               f"model. Set one with --api-key-file FILE or ${API_KEY_ENV}.", file=sys.stderr, flush=True)
