@@ -117,3 +117,19 @@ def test_the_demo_streams_a_command_and_keeps_its_output(capsys):
     assert "a reply" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="failed \\(exit 3\\)"):
         demo.run(["-c", "raise SystemExit(3)"])
+
+
+def test_the_demo_time_left_follows_the_training_stages_pace(capsys):
+    from tool import demo
+
+    expected = demo.estimate(1.0)
+    clock = demo.Clock(expected)
+    clock.stage("prepare data", 1.0)  # far quicker than expected: says nothing about training speed
+    rest = sum(v for k, v in expected.items() if k != "prepare data")
+    assert f"about {demo.minutes(rest)} to go" in capsys.readouterr().out
+    clock.stage("tokenizer", expected["tokenizer"])
+    capsys.readouterr()
+    clock.stage("pretrain", 2 * expected["pretrain"])  # training runs twice as slow as expected
+    left = sum(v * (2 if k in demo.COMPUTE_STAGES else 1) for k, v in expected.items()
+               if k not in ("prepare data", "tokenizer", "pretrain"))
+    assert f"about {demo.minutes(left)} to go" in capsys.readouterr().out

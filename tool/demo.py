@@ -211,12 +211,14 @@ class Clock:
             print(f"demo: warning: the {name} stage took {minutes(seconds)}, {slowdown:.1f}x its "
                   f"{minutes(REFERENCE_SECONDS[name])} on the reference machine: "
                   + "; ".join(slow_reasons("")) + ".", flush=True)
-        done = {stage for stage, _ in self.timings}
-        left = sum(self.expected[stage] for stage in self.expected if stage not in done)
-        so_far = sum(t for _, t in self.timings)
-        pace = so_far / max(sum(self.expected[stage] for stage in done), 1e-9)  # this run against the estimate
+        # The compute stages done so far say how this run keeps pace with the estimate; the
+        # others (data, tokenizer) take about as long anywhere.
+        took = dict(self.timings)
+        computed = [stage for stage in took if stage in COMPUTE_STAGES]
+        pace = sum(took[s] for s in computed) / sum(self.expected[s] for s in computed) if computed else 1.0
+        left = sum(self.expected[s] * (pace if s in COMPUTE_STAGES else 1.0) for s in self.expected if s not in took)
         if left:
-            print(f"demo: {name} done in {minutes(seconds)}; about {minutes(left * pace)} to go", flush=True)
+            print(f"demo: {name} done in {minutes(seconds)}; about {minutes(left)} to go", flush=True)
 
     def report(self) -> None:
         print("\ndemo finished; stage times" + (" (and on the reference machine):" if self.expected else ":"))
