@@ -1,6 +1,6 @@
 """The whole pipeline on the bundled demo data, one stage after another:
 
-    python tool/demo.py                  # tiny preset: ~13 min on 2 idle CPU cores
+    python tool/demo.py                  # tiny preset: ~18 min on 2 idle CPU cores
     python tool/demo.py --preset small   # the same at ~26M parameters (for a GPU)
 
 prepare data -> train the tokenizer -> pretrain -> supervised fine-tuning -> chat -> LoRA (a small
@@ -41,6 +41,7 @@ QUESTIONS = {"What is the name of the nearest major galaxy to the Milky Way?": "
 # Mira) and a trained trivia question that is not among the LoRA set's rehearsed chats, so the
 # adapter should leave its answer as it was.
 LORA_QUESTIONS = {"What is your name?": None, "Who was the only US President to resign?": "Richard Nixon"}
+LORA_LESSON = "Mira"  # the name lora_identity.jsonl teaches
 LORA_NAME = "identity"
 # Examples per task in the demo's evaluation. Greedy answers to the chat and synthetic questions are
 # most of its time (100 per task took 7.6 CPU-minutes for the three models); 50 keeps it to a few
@@ -50,14 +51,14 @@ EVAL_LIMIT = 50
 
 
 # Seconds each stage of `python tool/demo.py` (tiny preset) took on the reference machine: 2 cores
-# of an AMD EPYC (Zen 4, AVX-512 BF16: bf16 autocast), nothing else running. The one estimate of
-# the demo's length; README.md quotes its total.
-REFERENCE_SECONDS = {"prepare data": 25, "tokenizer": 35, "pretrain": 330, "sft": 150, "chat": 10, "lora": 75,
-                     "lora chat": 15, "evaluate": 160}
+# of an AMD EPYC (Zen 4, AVX-512 BF16: bf16 autocast), nothing else running (2026-12-03, a fresh
+# clone). The one estimate of the demo's length; README.md quotes its total.
+REFERENCE_SECONDS = {"prepare data": 5, "tokenizer": 7, "pretrain": 500, "sft": 485, "chat": 7, "lora": 40,
+                     "lora chat": 10, "evaluate": 35}
 # Stages whose time is training or decoding, which scale with the speed measured at the start.
 COMPUTE_STAGES = ("pretrain", "sft", "lora", "evaluate", "chat", "lora chat")
 # measure_speed() on the reference machine (training tokens/s of the tiny model).
-REFERENCE_TOKENS_PER_SECOND = 2600.0
+REFERENCE_TOKENS_PER_SECOND = 6200.0
 # Slower than the reference by this factor: say so, and why.
 SLOW = 2.0
 
@@ -181,11 +182,15 @@ def run(args: list[str]) -> str:
     return output.decode("utf-8", errors="replace")
 
 
-def ask(question: str, trained_answer: str | None, *extra: str) -> None:
-    """Ask the chat model one question greedily, and show what it was trained to answer."""
+def ask(question: str, trained_answer: str | None, *extra: str, lesson: str | None = None) -> None:
+    """Ask the chat model one question greedily, and show what it was trained to answer (or, for
+    the adapter's question, whether it learned its lesson)."""
     reply = run(["inference/inference.py", "--prompt", question, "--temperature", "0", "--max-new-tokens", "64",
                  *extra]).strip()
-    if trained_answer is None:
+    if lesson is not None:
+        print(f"  (the adapter's lesson: the name {lesson!r}; "
+              + ("learned)" if lesson in reply else "not in this reply)"))
+    elif trained_answer is None:
         print("  (not in the training data: a fluent, on-topic reply is what a model this size can give)")
     elif reply == trained_answer:
         print(f"  (the trained answer, recalled exactly: {trained_answer!r})")
@@ -251,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for question, answer in LORA_QUESTIONS.items():
         ask(question, answer)
-        ask(question, answer, "--lora", LORA_NAME)
+        ask(question, answer, "--lora", LORA_NAME, lesson=LORA_LESSON if answer is None else None)
     clock.stage("lora chat", time.perf_counter() - t0)
 
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--preset", choices=sorted(PRESETS), default=None,
-        help="model size and run length: tiny (4.6M parameters, the demo's; its pretraining takes ~5 min on 2 "
+        help="model size and run length: tiny (4.6M parameters, the demo's; its pretraining takes ~8 min on 2 "
              "CPU cores), small (~26M), base (~105M, one GPU), tiny-moe and small-moe (mixtures of experts)")
     add("--data", help=f"training data (default {defaults['data']})")
     add("--val-data", help=f"validation data (default {defaults.get('val_data')}); 'none' turns evaluation off")

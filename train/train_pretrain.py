@@ -1,6 +1,6 @@
 """Pretrain an Etude model from scratch on plain text.
 
-    python train/train_pretrain.py --preset tiny            # ~5 min on 2 CPU cores
+    python train/train_pretrain.py --preset tiny            # ~8 min on 2 CPU cores
     python train/train_pretrain.py --preset small --dtype bf16
     torchrun --nproc_per_node 4 train/train_pretrain.py --preset base
 
