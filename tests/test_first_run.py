@@ -133,3 +133,20 @@ def test_the_demo_time_left_follows_the_training_stages_pace(capsys):
     left = sum(v * (2 if k in demo.COMPUTE_STAGES else 1) for k, v in expected.items()
                if k not in ("prepare data", "tokenizer", "pretrain"))
     assert f"about {demo.minutes(left)} to go" in capsys.readouterr().out
+
+
+def test_the_demo_shows_the_trained_answer_or_the_adapter_lesson(monkeypatch, capsys):
+    from tool import demo
+
+    replies = iter(["Richard Nixon\n", "The Piece\n", "I'm Mira, a cheerful assistant.\n", "I am a chat bot.\n"])
+    monkeypatch.setattr(demo, "run", lambda args: next(replies))
+    demo.ask("Who was the only US President to resign?", "Richard Nixon")
+    demo.ask("What is the name of the nearest major galaxy to the Milky Way?", "The Andromeda Galaxy.")
+    demo.ask("What is your name?", None, "--lora", "identity", lesson="Mira")
+    demo.ask("What is your name?", None, "--lora", "identity", lesson="Mira")
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["  (the trained answer, recalled exactly: 'Richard Nixon')",
+                   "  (trained answer: 'The Andromeda Galaxy.'; a 4.6M-parameter model recalls about one trained "
+                   "answer in ten exactly)",
+                   "  (the adapter's lesson: the name 'Mira'; learned)",
+                   "  (the adapter's lesson: the name 'Mira'; not in this reply)"]
