@@ -22,9 +22,6 @@ def scripted_evaluation(monkeypatch):
     def evaluate(self):
         return {"val_loss": SCRIPTED[self._eval_step]}
 
-    original_offer = trainer_module.Trainer._offer_best
-    steps = []
-
     def fit_from(self, start_step, original=trainer_module.Trainer._fit_from):
         self._eval_step = start_step
         return original(self, start_step)
@@ -33,15 +30,9 @@ def scripted_evaluation(monkeypatch):
         self._eval_step = step + 1
         return original(self, step)
 
-    def offer(self, step, val_loss):
-        steps.append(step)
-        return original_offer(self, step, val_loss)
-
     monkeypatch.setattr(trainer_module.Trainer, "evaluate", evaluate)
     monkeypatch.setattr(trainer_module.Trainer, "_fit_from", fit_from)
     monkeypatch.setattr(trainer_module.Trainer, "_train_step", train_step)
-    monkeypatch.setattr(trainer_module.Trainer, "_offer_best", offer)
-    return steps
 
 
 @pytest.fixture(scope="module")

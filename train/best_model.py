@@ -44,7 +44,7 @@ class BestModel:
             try:
                 data = read_json(record, "best-model record")
                 step, loss = int(data["step"]), float(data["val_loss"])
-            except (ValueError, KeyError, TypeError):  # damaged: it will be rewritten at the next best
+            except (ValueError, KeyError, TypeError):  # damaged: forgotten below, re-earned by the next evaluation
                 step, loss = start_step + 1, math.inf
             if 0 < step <= start_step:
                 self.step, self.val_loss = step, loss
