@@ -422,6 +422,14 @@ class EtudeModel(nn.Module):
         # True in the copies model/decoding.py makes (merged or int8 weights): never saved.
         self.decoding_copy = False
 
+    def set_rope_scaling(self, rope_type: str | None, factor: float = 1.0) -> None:
+        """Scale RoPE `factor` times past the trained length from now on (EtudeConfig.
+        with_rope_scaling: linear, dynamic or yarn; None for plain RoPE); max_seq_len, the usable
+        context, becomes factor x the trained length. The weights are untouched."""
+        self.config = self.config.with_rope_scaling(rope_type, factor)
+        self.rotary = RotaryEmbedding(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta,
+                                      self.config.rope_scaling).to(self.embed_tokens.weight.device)
+
     def reset_parameters(self) -> None:
         """Normal(0, initializer_range) for every matrix; the projections that write into the
         residual stream (o_proj, down_proj) are scaled by 1/sqrt(2 * n_layers) so the stream's
