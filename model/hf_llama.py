@@ -201,8 +201,9 @@ def _rope_from_hf(data: dict[str, Any], get, problems: list[str]) -> dict[str, A
                             f"takes no parameters besides rope_theta")
         return out
     if kind not in ROPE_SCALING_KEYS:
-        problems.append(f"rope_scaling type {kind!r} ({rope_scaling or rope_parameters!r}): Etude computes plain "
-                        f"RoPE and the scalings {', '.join(ROPE_SCALING_KEYS)} only")
+        source = "rope_scaling" if rope_scaling else "rope_parameters"
+        problems.append(f"{source} has rope type {kind!r} ({rope_scaling or rope_parameters!r}): Etude computes "
+                        f"plain RoPE and the scalings {', '.join(ROPE_SCALING_KEYS)} only")
         return out
     if scaling.pop("partial_rotary_factor", 1.0) != 1.0:
         problems.append("partial_rotary_factor is not 1: Etude rotates every dimension of a head")

@@ -193,7 +193,7 @@ def test_hf_import_reads_transformers_shapes():
     assert dynamic.max_seq_len == 8192 and dynamic.rope_scaling["original_max_position_embeddings"] == 4096
     linear = config_from_hf({**base, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
     assert linear.max_seq_len == 4096 and linear.rope_scaling["original_max_position_embeddings"] == 2048
-    for bad, message in (({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "type 'longrope'"),
+    for bad, message in (({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling has rope type 'longrope'"),
                          ({"rope_scaling": {"rope_type": "linear", "factor": 2.0},
                            "rope_parameters": {"rope_type": "linear", "factor": 4.0}}, "disagree"),
                          ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.5}},
