@@ -226,3 +226,24 @@ def test_gguf_rope_scaling_keys(tmp_path, tiny_tokenizer_dir):
                           ("yarn-params", "sets ['beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim', 'truncate']")):
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             gguf_arch(scaled_config(SCALINGS[name]))
+
+
+@pytest.mark.parametrize("name", ["linear", "yarn"])
+def test_llama_cpp_computes_the_scaled_gguf(tmp_path, tiny_tokenizer_dir, monkeypatch, name):
+    """llama.cpp itself, fed the GGUF, gives our logits over 4x the trained length; without the
+    rope.scaling keys it would not (the check has teeth)."""
+    from tests.test_convert_gguf import needs_llama_cpp
+    needs_llama_cpp()
+    import model.gguf_llama as gguf_llama
+    from tool.convert_gguf import main as gguf_main
+    torch.manual_seed(0)
+    # (llama.cpp's chat check needs a context of 128 for its prompts)
+    model = EtudeModel(scaled_config({**SCALINGS[name], "original_max_position_embeddings": 32},
+                                     max_seq_len=128, initializer_range=0.2)).eval()
+    save_model_folder(model, tmp_path / "native", tiny_tokenizer_dir)
+    argv = ["--model", str(tmp_path / "native"), "--type", "f32", "--verify", "--max-new-tokens", "8"]
+    assert gguf_main([*argv, "--out-dir", str(tmp_path / "out"), "--json", str(tmp_path / "report.json")]) == 0
+    figures = json.loads((tmp_path / "report.json").read_text())["types"]["f32"]
+    assert figures["max_logit_diff"] < 1e-4 and figures["logit_tokens"] > 64
+    monkeypatch.setattr(gguf_llama, "write_rope_scaling", lambda writer, config: None)
+    assert gguf_main([*argv, "--out-dir", str(tmp_path / "plain")]) == 1
