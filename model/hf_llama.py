@@ -114,7 +114,7 @@ def config_to_hf(config: EtudeConfig, token_ids: dict[str, int], dtype: str = "f
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
         "hidden_act": "silu",
-        **_rope_to_hf(config),
+        **rope_fields_to_hf(config.max_seq_len, config.rope_theta, config.rope_scaling),
         "rms_norm_eps": config.norm_eps,
         "attention_dropout": config.dropout,
         "initializer_range": config.initializer_range,
@@ -145,15 +145,14 @@ def is_hf_config(data: Any) -> bool:
     return isinstance(data, dict) and ("architectures" in data or data.get("model_type", MODEL_TYPE) != MODEL_TYPE)
 
 
-def _rope_to_hf(config: EtudeConfig) -> dict[str, Any]:
+def rope_fields_to_hf(max_seq_len: int, rope_theta: float, scaling: dict[str, Any] | None) -> dict[str, Any]:
     """The RoPE fields of config.json. transformers 4 reads rope_theta and rope_scaling,
     transformers 5 rope_parameters (or rope_scaling, which then wins): all are written, saying the
     same. transformers' dynamic scaling takes the trained length from max_position_embeddings, so
     a dynamic model exports that as max_position_embeddings; linear and YaRN export the usable
     context there (YaRN keeps the trained length in original_max_position_embeddings)."""
-    theta = float(config.rope_theta)
-    fields: dict[str, Any] = {"max_position_embeddings": config.max_seq_len, "rope_theta": theta}
-    scaling = config.rope_scaling
+    theta = float(rope_theta)
+    fields: dict[str, Any] = {"max_position_embeddings": max_seq_len, "rope_theta": theta}
     if scaling is None:
         fields["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
         return fields
@@ -225,6 +224,24 @@ def _rope_from_hf(data: dict[str, Any], get, problems: list[str]) -> dict[str, A
             out["max_seq_len"] = int(factor * length) if kind == "dynamic" else length
     out["rope_scaling"] = scaling
     return out
+
+
+def hf_rope_scaling_fields(data: dict[str, Any], rope_type: str | None, factor: float = 1.0,
+                           source: str = "config.json") -> dict[str, Any]:
+    """The config.json fields (max_position_embeddings, rope_theta, rope_scaling, rope_parameters)
+    that scale a Hugging Face model's RoPE `factor` times past its trained length, as the export
+    writes them (inference/hf.py --rope-scaling). rope_type None: plain RoPE at the trained length."""
+    problems: list[str] = []
+    rope = _rope_from_hf(data, {**_DEFAULTS.get(data.get("model_type"), _COMMON_DEFAULTS), **data}.get, problems)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    trained = rope["rope_scaling"]["original_max_position_embeddings"] if rope["rope_scaling"] else rope["max_seq_len"]
+    fields = rope_fields_to_hf(trained, rope["rope_theta"], None)
+    if rope_type is not None:
+        scaling = {"rope_type": rope_type, "factor": float(factor), "original_max_position_embeddings": trained}
+        fields = rope_fields_to_hf(int(factor * trained), rope["rope_theta"], scaling)
+    fields.setdefault("rope_scaling", None)
+    return fields
 
 
 def _moe_fields(model_type: str, data: dict[str, Any], get, problems: list[str]) -> dict[str, Any]:

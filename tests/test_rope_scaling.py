@@ -247,3 +247,46 @@ def test_llama_cpp_computes_the_scaled_gguf(tmp_path, tiny_tokenizer_dir, monkey
     assert figures["max_logit_diff"] < 1e-4 and figures["logit_tokens"] > 64
     monkeypatch.setattr(gguf_llama, "write_rope_scaling", lambda writer, config: None)
     assert gguf_main([*argv, "--out-dir", str(tmp_path / "plain")]) == 1
+
+
+# ---- --rope-scaling at load ---------------------------------------------------------------------
+
+def test_rope_scaling_flag_extends_the_native_context(tmp_path, tiny_tokenizer_dir, capsys):
+    from inference.inference import build_chat, build_parser, main as chat_main
+    from inference.server import build_parser as server_parser
+    torch.manual_seed(0)
+    model = EtudeModel(scaled_config(None, max_seq_len=32)).eval()
+    save_model_folder(model, tmp_path / "m", tiny_tokenizer_dir)
+    for parser in (build_parser(), server_parser()):
+        args = parser.parse_args(["--model", str(tmp_path / "m"), "--rope-scaling", "yarn:4", "--device", "cpu"])
+        args.seed = None  # as inference/server.py's main sets it
+        chat = build_chat(args)
+        assert chat.model.config.max_seq_len == 128 and chat.model.config.rope_scaling["rope_type"] == "yarn"
+    assert "context 32 -> 128 tokens (trained at 32)" in capsys.readouterr().err
+    # The chat model computes what a model scaled in code computes.
+    model.set_rope_scaling("yarn", 4)
+    ids = torch.randint(3, TINY_VOCAB_SIZE, (1, 100))
+    with torch.no_grad():
+        assert torch.allclose(chat.model(ids)[0], model(ids)[0], atol=1e-5)
+    assert chat_main(["--model", str(tmp_path / "m"), "--prompt", "hi", "--rope-scaling", "ntk:2"]) == 2
+    assert "--rope-scaling must be TYPE:FACTOR" in capsys.readouterr().err
+
+
+def test_rope_scaling_flag_in_transformers_chat(tmp_path, tiny_tokenizer_dir):
+    """inference/hf.py --rope-scaling gives the transformers model the scaling the Etude model gets."""
+    from inference.hf import build_hf_chat
+    from inference.inference import build_parser
+    from tool.convert_hf import main as convert_main
+    torch.manual_seed(0)
+    model = EtudeModel(scaled_config(None, max_seq_len=32)).eval()
+    save_model_folder(model, tmp_path / "m", tiny_tokenizer_dir)
+    assert convert_main(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "hf")]) == 0
+    ids = torch.randint(3, TINY_VOCAB_SIZE, (1, 100), generator=torch.Generator().manual_seed(4))
+    for spec in ("dynamic:4", "linear:4", "yarn:4"):
+        args = build_parser(native=False).parse_args(["--model", str(tmp_path / "hf"), "--rope-scaling", spec,
+                                                      "--device", "cpu"])
+        chat = build_hf_chat(args)
+        assert chat.context == 128
+        model.set_rope_scaling(*parse_rope_scaling(spec))
+        with torch.no_grad():
+            assert (chat.model(ids).logits - model(ids)[0]).abs().max().item() < 1e-5, spec
