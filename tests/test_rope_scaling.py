@@ -290,3 +290,36 @@ def test_rope_scaling_flag_in_transformers_chat(tmp_path, tiny_tokenizer_dir):
         model.set_rope_scaling(*parse_rope_scaling(spec))
         with torch.no_grad():
             assert (chat.model(ids).logits - model(ids)[0]).abs().max().item() < 1e-5, spec
+
+
+# ---- the measurement ----------------------------------------------------------------------------
+
+def test_rope_context_tool(tmp_path, tiny_tokenizer_dir, tiny_text_corpus, capsys):
+    """tool/rope_context.py scores the same tokens in every cell: dynamic scaling is plain RoPE
+    within the trained length, scaling by 1 (--factors match at 1x) is plain RoPE, and the
+    figures agree with a direct computation."""
+    import math
+    from tool.eval.tasks import read_texts
+    from tool.rope_context import main as rope_main, stream_nats, token_stream
+    from model.tokenizer import load_tokenizer
+    torch.manual_seed(0)
+    model = EtudeModel(scaled_config(None, max_seq_len=16)).eval()
+    save_model_folder(model, tmp_path / "m", tiny_tokenizer_dir)
+    code = rope_main([str(tmp_path / "m"), "--data", str(tiny_text_corpus), "--tokens", "300", "--factors", "4,match",
+                      "--json", str(tmp_path / "rope.json"), "--markdown"])
+    assert code == 0
+    figures = json.loads((tmp_path / "rope.json").read_text())
+    rows = figures["rows"]
+    assert figures["tokens"] == 256 and figures["trained"] == 16  # rounded down to whole 64-token windows
+    assert set(rows) == {"none", "linear:4", "dynamic:4", "yarn:4", "linear:match", "dynamic:match", "yarn:match"}
+    assert rows["dynamic:4"]["1x"] == rows["none"]["1x"] == rows["yarn:match"]["1x"]
+    assert rows["linear:4"]["1x"] != rows["none"]["1x"]
+    tokenizer = load_tokenizer(tmp_path / "m")
+    stream = token_stream(read_texts(tiny_text_corpus), tokenizer, 256)
+    n_bytes = len(tokenizer.decode(stream[1:], skip_special_tokens=True).encode("utf-8"))
+    model.set_rope_scaling("yarn", 2)
+    expected = stream_nats(model, stream, 32, 3) / math.log(2) / n_bytes
+    assert rows["yarn:match"]["2x"] == pytest.approx(expected, rel=1e-6)
+    assert "| none |" in capsys.readouterr().out
+    assert rope_main([str(tmp_path / "m"), "--data", str(tiny_text_corpus), "--lengths", "1.5"]) == 2
+    assert "--lengths must be a comma-separated list of whole numbers" in capsys.readouterr().err
