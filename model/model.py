@@ -59,6 +59,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.head_dim, self.theta = head_dim, theta
         self.dynamic = scaling if scaling is not None and scaling["rope_type"] == "dynamic" else None
+        if self.dynamic:  # transformers' state: the longest length seen, and its frequencies
+            self._dynamic_len = self.dynamic["original_max_position_embeddings"]
+            self._dynamic_inv_freq: torch.Tensor | None = None
         self.max_seq_len = max_seq_len
         self._build(max_seq_len)
 
@@ -75,11 +78,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_table", cos, persistent=False)
         self.register_buffer("sin_table", sin, persistent=False)
 
-    def _past_trained_length(self, seq_len: int) -> bool:
-        return self.dynamic is not None and seq_len > self.dynamic["original_max_position_embeddings"]
+    def _dynamic_frequencies(self, seq_len: int, device: torch.device) -> torch.Tensor | None:
+        """Dynamic NTK: the frequencies for a forward that reaches position seq_len - 1, or None
+        where the plain tables apply. Kept as transformers keeps them (its dynamic_rope_update):
+        a forward longer than any before (and than the trained length) recomputes them for its
+        own length; later, shorter forwards reuse them until one ends within the trained length,
+        which goes back to plain RoPE. See model/rope.py dynamic_inv_freq."""
+        original = self.dynamic["original_max_position_embeddings"]
+        if seq_len > self._dynamic_len:  # growth
+            self._dynamic_len = seq_len
+            self._dynamic_inv_freq = dynamic_inv_freq(self.head_dim, self.theta, self.dynamic, seq_len, device)
+        elif seq_len < original < self._dynamic_len:  # back within the trained length: reset
+            self._dynamic_len, self._dynamic_inv_freq = original, None
+        return None if self._dynamic_inv_freq is None else self._dynamic_inv_freq.to(device)
 
-    def _dynamic(self, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = dynamic_inv_freq(self.head_dim, self.theta, self.dynamic, seq_len, positions.device)
+    def _dynamic(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self._cos_sin(positions, inv_freq)
         return cos.to(self.cos_table.dtype), sin.to(self.cos_table.dtype)
 
@@ -87,8 +100,9 @@ class RotaryEmbedding(nn.Module):
         """forward(torch.arange(start, start + length)) as slices of the tables: the same values,
         without reading a position back from the tensor (which torch.compile cannot trace)."""
         end = start + length
-        if self._past_trained_length(end):
-            cos, sin = self._dynamic(torch.arange(start, end, device=self.cos_table.device), end)
+        inv_freq = self._dynamic_frequencies(end, self.cos_table.device) if self.dynamic else None
+        if inv_freq is not None:
+            cos, sin = self._dynamic(torch.arange(start, end, device=self.cos_table.device), inv_freq)
             return cos[None, None], sin[None, None]
         if end > self.cos_table.shape[0]:
             self._build(max(end, 2 * self.cos_table.shape[0]))
@@ -96,11 +110,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for the given positions: (T,) -> (1, 1, T, d) or (B, T) -> (B, 1, T, d).
-        With dynamic scaling the largest position of the whole batch sets the frequencies, as
-        in transformers."""
+        With dynamic scaling the largest position of the whole batch counts, as in transformers."""
         needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
-        if self._past_trained_length(needed):
-            cos, sin = self._dynamic(position_ids, needed)
+        inv_freq = self._dynamic_frequencies(needed, position_ids.device) if self.dynamic and needed else None
+        if inv_freq is not None:
+            cos, sin = self._dynamic(position_ids, inv_freq)
         else:
             if needed > self.cos_table.shape[0]:
                 self._build(max(needed, 2 * self.cos_table.shape[0]))

@@ -6,8 +6,8 @@
               interpolation). Fine for long contexts, a little worse inside the trained one.
     dynamic   NTK-aware: plain RoPE up to the trained length L; a forward whose last position
               is past it (seq_len = last position + 1 > L) uses the base
-              theta * (factor * seq_len / L - (factor - 1)) ** (d / (d - 2)), recomputed for
-              every such forward (see dynamic_inv_freq).
+              theta * (factor * seq_len / L - (factor - 1)) ** (d / (d - 2)), recomputed when
+              seq_len grows past the longest seen so far (see dynamic_inv_freq).
     yarn      YaRN: high frequencies (many turns within L) kept, low ones divided by factor, a
               linear ramp between (beta_fast / beta_slow turns mark its ends), and cos/sin
               multiplied by attention_factor (0.1 * ln(factor) + 1 by default), which sharpens
@@ -97,11 +97,12 @@ def dynamic_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any], seq_l
     As in transformers, every position of that forward gets these frequencies, and keys already
     in the KV cache keep the rotation of the forward that computed them: during cached decoding
     each new token is rotated with the base of its own length, so a cached generation and a full
-    recomputation of the same text differ slightly past L (transformers' behaviour, kept for
-    parity). Unlike transformers, nothing is remembered between forwards: transformers keeps the
-    largest base it has seen until a forward ends within L, so a forward shorter than an earlier
-    one (yet past L) reuses that earlier base; here each forward depends on its own length only.
-    The two agree wherever lengths grow (one generation) or a forward starts afresh."""
+    recomputation of the same text differ slightly past L. Which length counts is transformers'
+    rule too (model.RotaryEmbedding keeps its state): the longest forward so far, until a forward
+    ends within L, which goes back to plain RoPE. So under dynamic scaling a model's output past
+    L depends on what it computed before (as a transformers model's does), and a batch's rows
+    share the frequencies of its longest row; linear and YaRN scaling depend on nothing but the
+    positions."""
     factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
     length = torch.tensor(seq_len, dtype=torch.int64, device=device)
     base = theta * ((factor * length / original) - (factor - 1)) ** (head_dim / (head_dim - 2))

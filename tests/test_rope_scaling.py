@@ -97,8 +97,26 @@ def test_dynamic_rotary_by_positions_matches_span():
     cos, sin = model.rotary(torch.tensor([[3], [40], [0]]))
     span_cos, span_sin = model.rotary.span(0, 41)
     assert torch.equal(cos[1, 0, 0], span_cos[0, 0, 40]) and torch.equal(sin[0, 0, 0], span_sin[0, 0, 3])
-    inside, _ = model.rotary(torch.tensor([[3], [15]]))  # within the trained length: plain RoPE
+    inside, _ = model.rotary(torch.tensor([[3], [10]]))  # ends within the trained length: plain RoPE again
     assert torch.equal(inside[0, 0, 0], EtudeModel(scaled_config(None)).rotary.cos_table[3])
+
+
+def test_dynamic_keeps_transformers_state_across_forwards():
+    """transformers keeps the longest dynamic length seen until a forward ends within the trained
+    length: a shorter forward past it reuses the longer one's frequencies. Same calls, same logits."""
+    torch.manual_seed(0)
+    ours = EtudeModel(scaled_config(SCALINGS["dynamic"])).eval()
+    hf = hf_twin(ours)
+    ids = torch.randint(0, TINY_VOCAB_SIZE, (1, 60), generator=torch.Generator().manual_seed(5))
+    fresh = EtudeModel(scaled_config(SCALINGS["dynamic"])).eval()
+    fresh.load_saved_state(ours.state_dict_for_save())
+    with torch.no_grad():
+        for length in (60, 40, 16, 10, 40):
+            theirs, mine = hf(ids[:, :length]).logits, ours(ids[:, :length])[0]
+            assert (theirs - mine).abs().max().item() < 1e-5, length
+        assert (fresh(ids[:, :40])[0] - mine).abs().max().item() < 1e-5  # after the reset at 10: as new
+        ours(ids)
+        assert (fresh(ids[:, :40])[0] - ours(ids[:, :40])[0]).abs().max().item() > 1e-3  # 60's base reused
 
 
 def test_plain_rope_is_unchanged_and_old_configs_load(tmp_path):
