@@ -51,7 +51,8 @@ class RotaryEmbedding(nn.Module):
     """cos/sin tables for rotary embeddings, Hugging Face layout: the frequencies are repeated
     as [f0..f(d/2-1), f0..f(d/2-1)] and paired with `rotate_half`. `scaling` is the config's
     rope_scaling (model/rope.py): linear and YaRN change the frequencies (YaRN also scales cos
-    and sin), dynamic NTK recomputes them for each forward that reaches past the trained length."""
+    and sin), dynamic NTK recomputes them when a forward reaches past the trained length and the
+    longest one so far (transformers' rule, see _dynamic_frequencies)."""
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: dict | None = None):
         super().__init__()
