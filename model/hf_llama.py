@@ -173,7 +173,7 @@ _ROPE_NON_PARAMETERS = {"rope_type", "type", "rope_theta", "finetuned"}
 
 def _rope_from_hf(data: dict[str, Any], get, problems: list[str]) -> dict[str, Any]:
     """rope_theta, rope_scaling and max_seq_len of an EtudeConfig from config.json's RoPE fields,
-    read as transformers reads them (see _rope_to_hf); what Etude cannot compute goes to problems."""
+    read as transformers reads them (see rope_fields_to_hf); what Etude cannot compute goes to problems."""
     rope_parameters = get("rope_parameters") or {}
     rope_scaling = get("rope_scaling") or {}
     rope_theta = get("rope_theta")
