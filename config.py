@@ -59,6 +59,86 @@ def _reject_unknown(cls: type, data: dict[str, Any], what: str) -> None:
 # The mixture-of-experts fields of EtudeConfig: they mean nothing unless use_moe is on.
 MOE_FIELDS = ("n_experts", "top_k", "n_shared_experts", "aux_loss_coef", "norm_topk_prob")
 
+# RoPE scaling (EtudeConfig.rope_scaling), named and parametrised as transformers names them
+# (modeling_rope_utils.py): the keys each type takes besides rope_type. YaRN's optional keys
+# default as in transformers: beta_fast 32, beta_slow 1, truncate true, attention_factor
+# 0.1 * ln(factor) + 1 (or the mscale / mscale_all_dim ratio when both are given).
+ROPE_SCALING_KEYS = {
+    "linear": ("factor", "original_max_position_embeddings"),
+    "dynamic": ("factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+             "mscale", "mscale_all_dim", "truncate"),
+}
+ROPE_SCALING_REQUIRED = ("rope_type", "factor", "original_max_position_embeddings")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def rope_scaling_problems(scaling: Any, max_seq_len: Any) -> list[str]:
+    """Every reason `scaling` (an EtudeConfig.rope_scaling value) is not a valid RoPE scaling."""
+    if scaling is None:
+        return []
+    fix = ('e.g. {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}, '
+           "or null for plain RoPE")
+    if not isinstance(scaling, dict):
+        return [f"rope_scaling must be a dict or null, got {scaling!r}: {fix}"]
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALING_KEYS:
+        hint = " (plain RoPE is rope_scaling null)" if kind in ("default", None, "none") else ""
+        return [f"rope_scaling.rope_type must be one of {', '.join(ROPE_SCALING_KEYS)}, got {kind!r}{hint}: {fix}"]
+    out = []
+    missing = [key for key in ROPE_SCALING_REQUIRED if key not in scaling]
+    if missing:
+        out.append(f"rope_scaling ({kind}) is missing {missing}: {fix}")
+    unknown = sorted(set(scaling) - {"rope_type", *ROPE_SCALING_KEYS[kind]})
+    if unknown:
+        out.append(f"rope_scaling ({kind}) does not take {unknown}; its keys are "
+                   f"{['rope_type', *ROPE_SCALING_KEYS[kind]]}")
+    factor = scaling.get("factor", 1.0)
+    if not _is_number(factor) or factor < 1:
+        out.append(f"rope_scaling.factor must be a number >= 1 (how many times the trained context to reach), "
+                   f"got {factor!r}")
+    original = scaling.get("original_max_position_embeddings", 1)
+    if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+        out.append(f"rope_scaling.original_max_position_embeddings must be a positive integer (the context "
+                   f"length the model was trained at), got {original!r}")
+    elif isinstance(max_seq_len, int) and original > max_seq_len:
+        out.append(f"rope_scaling.original_max_position_embeddings ({original}) exceeds max_seq_len "
+                   f"({max_seq_len}): scaling stretches the trained context, so max_seq_len should be "
+                   "factor x original_max_position_embeddings")
+    for key in ("beta_fast", "beta_slow", "attention_factor"):
+        if key in scaling and not (_is_number(scaling[key]) and scaling[key] > 0):
+            out.append(f"rope_scaling.{key} must be a number > 0, got {scaling[key]!r}")
+    for key in ("mscale", "mscale_all_dim"):
+        if key in scaling and not (_is_number(scaling[key]) and scaling[key] >= 0):
+            out.append(f"rope_scaling.{key} must be a number >= 0, got {scaling[key]!r}")
+    if "truncate" in scaling and not isinstance(scaling["truncate"], bool):
+        out.append(f"rope_scaling.truncate must be true or false, got {scaling['truncate']!r}")
+    fast, slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+    if _is_number(fast) and _is_number(slow) and fast <= slow:
+        out.append(f"rope_scaling.beta_fast ({fast}) must be greater than beta_slow ({slow})")
+    return out
+
+
+def parse_rope_scaling(spec: str) -> tuple[str | None, float]:
+    """'yarn:4' -> ("yarn", 4.0); 'none' -> (None, 1.0). The --rope-scaling flag's value."""
+    kind, _, factor_text = spec.strip().lower().partition(":")
+    if kind == "none" and not factor_text:
+        return None, 1.0
+    usage = (f"--rope-scaling must be TYPE:FACTOR with TYPE one of {', '.join(ROPE_SCALING_KEYS)} and FACTOR "
+             f"a number >= 1 (e.g. yarn:4 for four times the trained context), or none; got {spec!r}")
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(usage)
+    try:
+        factor = float(factor_text)
+    except ValueError:
+        raise ValueError(usage) from None
+    if not (math.isfinite(factor) and factor >= 1):
+        raise ValueError(usage)
+    return kind, factor
+
 
 @dataclass
 class EtudeConfig:
@@ -92,8 +172,21 @@ class EtudeConfig:
     n_shared_experts: int = 0
     aux_loss_coef: float = 0.01
     norm_topk_prob: bool = True
+    # RoPE scaling past the trained context (model/rope.py): None is plain RoPE, else a dict
+    # {"rope_type": "linear" | "dynamic" | "yarn", "factor": F, "original_max_position_embeddings":
+    # the length trained at, + YaRN's optional keys (ROPE_SCALING_KEYS)}, as transformers defines
+    # them. max_seq_len is then the usable context, normally F x the trained length.
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict) and "type" in self.rope_scaling:
+            # transformers 4's older spelling of rope_type
+            scaling = dict(self.rope_scaling)
+            kind = scaling.pop("type")
+            if scaling.setdefault("rope_type", kind) != kind:
+                raise ConfigError(f"invalid EtudeConfig:\n  - rope_scaling has type {kind!r} and rope_type "
+                                  f"{scaling['rope_type']!r}; keep one (rope_type)")
+            self.rope_scaling = scaling
         if self.intermediate_size is None and isinstance(self.multiple_of, int) and self.multiple_of > 0 \
                 and isinstance(self.hidden_size, int):
             raw = int(8 * self.hidden_size / 3)
@@ -126,6 +219,7 @@ class EtudeConfig:
             out.append(f"top_k ({self.top_k}) cannot exceed n_experts ({self.n_experts})")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             out.append(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        out += rope_scaling_problems(self.rope_scaling, self.max_seq_len)
         if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
             out.append(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
@@ -145,12 +239,31 @@ class EtudeConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.n_heads
 
+    @property
+    def trained_seq_len(self) -> int:
+        """The context length the model was trained at: max_seq_len, or the original length that
+        its RoPE scaling stretches."""
+        return self.rope_scaling["original_max_position_embeddings"] if self.rope_scaling else self.max_seq_len
+
+    def with_rope_scaling(self, rope_type: str | None, factor: float = 1.0) -> "EtudeConfig":
+        """A copy whose RoPE is scaled `factor` times past the trained length (transformers'
+        defaults for the type's other parameters), with max_seq_len = factor x that length: the
+        model's usable context. rope_type None gives plain RoPE at the trained length. A model
+        that is already scaled is re-scaled from its trained length, not compounded."""
+        trained = self.trained_seq_len
+        if rope_type is None:
+            return dataclasses.replace(self, rope_scaling=None, max_seq_len=trained)
+        scaling = {"rope_type": rope_type, "factor": float(factor), "original_max_position_embeddings": trained}
+        return dataclasses.replace(self, rope_scaling=scaling, max_seq_len=int(factor * trained))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def applicable(self) -> dict[str, Any]:
-        """The fields that shape this model, for printing: a dense model has no expert settings."""
-        return {k: v for k, v in self.to_dict().items() if self.use_moe or k not in MOE_FIELDS}
+        """The fields that shape this model, for printing: a dense model has no expert settings,
+        a model with plain RoPE no rope_scaling."""
+        return {k: v for k, v in self.to_dict().items()
+                if (self.use_moe or k not in MOE_FIELDS) and (k != "rope_scaling" or v is not None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EtudeConfig":

@@ -5,6 +5,7 @@
     python inference/hf.py --prompt "Hello!" --temperature 0
     python inference/hf.py --input q.jsonl --output a.jsonl --batch-size 16
     python inference/hf.py --lora identity                 # a LoRA adapter applied through peft
+    python inference/hf.py --rope-scaling yarn:4           # a context four times the trained length
 
 The model is transformers' AutoModelForCausalLM, the prompt comes from AutoTokenizer's
 apply_chat_template and the answer streams through a TextIteratorStreamer: no Etude model code
@@ -31,7 +32,8 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 import torch
 import transformers
 
-from config import HF_DIR, read_json
+from config import HF_DIR, parse_rope_scaling, read_json
+from model.hf_llama import hf_rope_scaling_fields
 from model.lora import resolve_adapter
 from inference.inference import batch_prompts, build_parser, fit_to_context, inference_dtype, main as chat_main, \
     pick_inference_device
@@ -77,7 +79,7 @@ class HFChat:
                  seed: int | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_new_tokens = max_new_tokens
-        self.context = model.config.max_position_embeddings
+        self.context = usable_context(model.config)
         eos = model.generation_config.eos_token_id
         self.stop_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if not self.stop_ids:
@@ -189,6 +191,28 @@ class HFChat:
         return answers
 
 
+def usable_context(config) -> int:
+    """The longest context of a transformers model: max_position_embeddings, except under dynamic
+    RoPE scaling, where transformers reads that as the trained length and stretches it by factor."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) == "dynamic":
+        return int(rope["factor"] * config.max_position_embeddings)
+    return config.max_position_embeddings
+
+
+def scaled_config(folder: Path, spec: str):
+    """The transformers config of `folder` with --rope-scaling TYPE:FACTOR applied, as the Etude
+    export writes scaling (model/hf_llama.py)."""
+    rope_type, factor = parse_rope_scaling(spec)
+    data = read_json(folder / "config.json", "model config")
+    data.update(hf_rope_scaling_fields(data, rope_type, factor, source=str(folder / "config.json")))
+    if data.get("rope_scaling") is None:
+        data.pop("rope_scaling")
+    config = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
+    print(f"[RoPE scaling {spec}: context {usable_context(config)} tokens]", file=sys.stderr)
+    return config
+
+
 def resolve_hf_folder(requested: str | None) -> Path:
     """--model, else weight/etude_hf_model; an Etude-native folder is pointed to the exporter."""
     folder = Path(requested) if requested else HF_DIR
@@ -224,7 +248,9 @@ def build_hf_chat(args: argparse.Namespace) -> HFChat:
     device = pick_inference_device(args.device)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=inference_dtype(device, args.dtype))
+        config = scaled_config(folder, args.rope_scaling) if args.rope_scaling else None
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), config=config,
+                                                                  dtype=inference_dtype(device, args.dtype))
     except OSError as exc:  # transformers' word for a folder it cannot read (missing weights, tokenizer)
         raise ValueError(f"transformers cannot load {folder}: {exc}") from None
     if args.lora:

@@ -5,6 +5,7 @@
     python inference/inference.py --input q.jsonl --output a.jsonl --batch-size 16
     python inference/inference.py --lora identity          # with the LoRA adapter weight/lora/identity/
     python inference/inference.py --int8                   # CPU: int8 weights, 2-3x faster decoding
+    python inference/inference.py --rope-scaling yarn:4    # a context four times the trained length
 
 Loads weight/etude_sft_model/ by default (falling back to the pretrained model, with a note);
 any model folder works with --model. Interactive commands: /reset (forget the conversation),
@@ -29,7 +30,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 
 import torch
 
-from config import PRETRAINED_DIR, SFT_DIR
+from config import PRETRAINED_DIR, ROPE_SCALING_KEYS, SFT_DIR, parse_rope_scaling
 from inference.engine import Engine, Request, StreamDecoder
 from model.checkpoint import load_model_folder
 from model.lora import load_adapter, merge_and_unload, resolve_adapter
@@ -46,6 +47,9 @@ COMMAND = re.compile(r"/([A-Za-z]\w*)(?:\s+(.*))?", re.DOTALL)
 TEMPERATURE_RANGE = (1e-5, 2.0)
 TOP_P_RANGE = (1e-6, 1.0)
 REPETITION_PENALTY_RANGE = (0.01, 10.0)
+ROPE_SCALING_HELP = (f"extend the context past the trained length: TYPE one of {', '.join(ROPE_SCALING_KEYS)}, "
+                     "the context becomes FACTOR x the trained length (e.g. yarn:4; none for plain RoPE). "
+                     "README 'Longer contexts' compares them")
 
 
 def sampling_problems(temperature: float, top_p: float, top_k: int, repetition_penalty: float) -> list[str]:
@@ -256,11 +260,23 @@ def resolve_model_folder(requested: str | None) -> Path:
                             "`python train/train_pretrain.py` and `python train/train_sft.py`, or pass --model")
 
 
+def apply_rope_scaling(model: EtudeModel, spec: str | None) -> None:
+    """--rope-scaling TYPE:FACTOR: scale the model's RoPE past its trained length, so its usable
+    context becomes FACTOR x that length (none: back to plain RoPE at the trained length)."""
+    if spec is None:
+        return
+    before = model.config.max_seq_len
+    model.set_rope_scaling(*parse_rope_scaling(spec))
+    print(f"[RoPE scaling {spec}: context {before} -> {model.config.max_seq_len} tokens (trained at "
+          f"{model.config.trained_seq_len})]", file=sys.stderr)
+
+
 def build_chat(args: argparse.Namespace) -> Chat:
     folder = resolve_model_folder(args.model)
     tokenizer = load_tokenizer(folder)
     device = pick_inference_device(args.device)
     model = load_model_folder(folder)
+    apply_rope_scaling(model, getattr(args, "rope_scaling", None))
     if args.lora:  # applied unmerged to the fp32 weights, before any cast (see model/lora.py)
         load_adapter(model, resolve_adapter(args.lora))
     if getattr(args, "int8", False):
@@ -407,6 +423,7 @@ def build_parser(description: str = __doc__,
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     add("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
         help="auto: bf16 on CUDA, fp32 on CPU (bf16 or --int8 decode faster on many CPUs; see README Performance)")
+    add("--rope-scaling", metavar="TYPE:FACTOR", help=ROPE_SCALING_HELP)
     if native:
         add("--int8", action="store_true",
             help="CPU only: decode with int8 weights (one scale per row), two to three times as fast as fp32 at "

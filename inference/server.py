@@ -76,7 +76,7 @@ from inference.chat_request import (TRUNCATION, Limits, RequestError, Settings, 
 from inference.http_guard import API_KEY_ENV, ErrorResponse, Guard, header_timeout_protocol, is_loopback, read_body, \
     refusal, resolve_api_key
 from inference.engine import Engine, Request as Generation, cache_bytes
-from inference.inference import Chat, build_chat, resolve_model_folder, sampling_problems
+from inference.inference import ROPE_SCALING_HELP, Chat, build_chat, resolve_model_folder, sampling_problems
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
@@ -370,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     add("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
         help="auto: bf16 on CUDA, fp32 on CPU")
+    add("--rope-scaling", metavar="TYPE:FACTOR", help=ROPE_SCALING_HELP)
     add("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
         help="uvicorn's log level (default info: one line per request)")
     return parser

@@ -117,9 +117,52 @@ def gguf_vocab(tokenizer: EtudeTokenizer, vocab_size: int) -> tuple[list[str], l
 
 # ---- weights -----------------------------------------------------------------------------------
 
+# YaRN parameters that llama.cpp computes only at transformers' defaults (its ramp is floored and
+# ceiled, its attention factor 0.1 * ln(factor) + 1, its betas 32 and 1).
+_YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1, "truncate": True}
+
+
+def rope_scaling_refusal(config: EtudeConfig) -> str | None:
+    """Why llama.cpp cannot compute `config`'s RoPE scaling as Etude does (None when it can):
+    it has linear and YaRN (at transformers' default parameters) but no dynamic NTK scaling."""
+    scaling = config.rope_scaling
+    if scaling is None or scaling["rope_type"] == "linear":
+        return None
+    if scaling["rope_type"] == "dynamic":
+        return ("rope_scaling is dynamic (NTK): llama.cpp has no dynamic RoPE scaling, so no GGUF would compute "
+                "what the model does. Give the model linear or YaRN scaling instead (rope_scaling in its config.json, "
+                'e.g. {"rope_type": "yarn", ...}), or export it to Hugging Face format with tool/convert_hf.py, '
+                "which keeps dynamic scaling")
+    custom = {k: v for k, v in scaling.items() if k not in ("rope_type", "factor", "original_max_position_embeddings")
+              and _YARN_DEFAULTS.get(k, object()) != v}
+    if custom:
+        return (f"rope_scaling (yarn) sets {sorted(custom)}: llama.cpp computes YaRN with transformers' defaults "
+                "only (beta_fast 32, beta_slow 1, truncate true, attention factor 0.1 * ln(factor) + 1). Remove "
+                "them, or export to Hugging Face format with tool/convert_hf.py")
+    return None
+
+
+def write_rope_scaling(writer, config: EtudeConfig) -> None:
+    """llama.cpp's rope.scaling.* keys for `config` (nothing for plain RoPE)."""
+    g = require_gguf()
+    scaling = config.rope_scaling
+    refusal = rope_scaling_refusal(config)
+    if refusal:
+        raise ConfigError(refusal)
+    if scaling is None:
+        return
+    kind = g.RopeScalingType.LINEAR if scaling["rope_type"] == "linear" else g.RopeScalingType.YARN
+    writer.add_rope_scaling_type(kind)
+    writer.add_rope_scaling_factor(float(scaling["factor"]))
+    writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+
+
 def gguf_arch(config: EtudeConfig) -> str:
     """The llama.cpp architecture that computes `config`'s model exactly (see the module
     docstring); a model that none computes is refused, before any work, naming why."""
+    refusal = rope_scaling_refusal(config)
+    if refusal:
+        raise ConfigError(refusal)
     if not config.use_moe or (config.norm_topk_prob and not config.n_shared_experts):
         return LLAMA_ARCH
     if not config.norm_topk_prob and config.n_shared_experts:
@@ -254,6 +297,7 @@ def write_gguf(model: EtudeModel, tokenizer: EtudeTokenizer, path: Path | str, t
     writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(float(config.rope_theta))
+    write_rope_scaling(writer, config)
     writer.add_layer_norm_rms_eps(float(config.norm_eps))
     if config.use_moe:
         writer.add_expert_count(config.n_experts)

@@ -20,7 +20,8 @@ save_original_format=False.
 What the target cannot express, or Etude cannot, is refused here with the field named, before
 anything is written or loaded:
 
-    import  -> Etude: attention_bias, mlp_bias, qkv_bias, rope_scaling / a non-default rope type,
+    import  -> Etude: attention_bias, mlp_bias, qkv_bias, a rope type other than default / linear /
+            dynamic / yarn (or a partial rotary factor),
             head_dim != hidden_size / num_attention_heads, a hidden_act other than silu, a vocab_size
             bigger than the tokenizer beside it, sliding-window attention, dense layers between
             MoE layers (Qwen2-MoE decoder_sparse_step / mlp_only_layers), a shared expert whose
@@ -42,7 +43,7 @@ from typing import Any
 
 import torch
 
-from config import MODEL_TYPE, ConfigError, EtudeConfig, read_json
+from config import MODEL_TYPE, ROPE_SCALING_KEYS, ConfigError, EtudeConfig, read_json
 
 LLAMA_MODEL_TYPE = "llama"
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"
@@ -113,11 +114,8 @@ def config_to_hf(config: EtudeConfig, token_ids: dict[str, int], dtype: str = "f
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": config.max_seq_len,
+        **rope_fields_to_hf(config.max_seq_len, config.rope_theta, config.rope_scaling),
         "rms_norm_eps": config.norm_eps,
-        # transformers 4 reads rope_theta, transformers 5 rope_parameters: write both.
-        "rope_theta": float(config.rope_theta),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(config.rope_theta)},
         "attention_dropout": config.dropout,
         "initializer_range": config.initializer_range,
         "tie_word_embeddings": config.tie_embeddings,
@@ -147,22 +145,103 @@ def is_hf_config(data: Any) -> bool:
     return isinstance(data, dict) and ("architectures" in data or data.get("model_type", MODEL_TYPE) != MODEL_TYPE)
 
 
-def _rope_theta(data: dict[str, Any], get, problems: list[str]) -> Any:
+def rope_fields_to_hf(max_seq_len: int, rope_theta: float, scaling: dict[str, Any] | None) -> dict[str, Any]:
+    """The RoPE fields of config.json. transformers 4 reads rope_theta and rope_scaling,
+    transformers 5 rope_parameters (or rope_scaling, which then wins): all are written, saying the
+    same. transformers' dynamic scaling takes the trained length from max_position_embeddings, so
+    a dynamic model exports that as max_position_embeddings; linear and YaRN export the usable
+    context there (YaRN keeps the trained length in original_max_position_embeddings)."""
+    theta = float(rope_theta)
+    fields: dict[str, Any] = {"max_position_embeddings": max_seq_len, "rope_theta": theta}
+    if scaling is None:
+        fields["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+        return fields
+    kind = scaling["rope_type"]
+    # transformers' linear and dynamic take the factor alone (other keys draw a warning there)
+    params = {k: v for k, v in scaling.items() if kind == "yarn" or k in ("rope_type", "factor")}
+    if kind == "dynamic":
+        fields["max_position_embeddings"] = scaling["original_max_position_embeddings"]
+    fields["rope_scaling"] = params
+    fields["rope_parameters"] = {**params, "rope_theta": theta}
+    return fields
+
+
+# The rope_scaling / rope_parameters keys that are not scaling parameters, or that transformers
+# ignores for Llama ("finetuned" marks a YaRN checkpoint trained at the long length).
+_ROPE_NON_PARAMETERS = {"rope_type", "type", "rope_theta", "finetuned"}
+
+
+def _rope_from_hf(data: dict[str, Any], get, problems: list[str]) -> dict[str, Any]:
+    """rope_theta, rope_scaling and max_seq_len of an EtudeConfig from config.json's RoPE fields,
+    read as transformers reads them (see rope_fields_to_hf); what Etude cannot compute goes to problems."""
     rope_parameters = get("rope_parameters") or {}
+    rope_scaling = get("rope_scaling") or {}
     rope_theta = get("rope_theta")
-    if get("rope_scaling"):
-        problems.append(f"rope_scaling is {get('rope_scaling')!r}: Etude uses plain RoPE (rope_scaling null)")
-    if rope_parameters:
-        if rope_parameters.get("rope_type", "default") != "default" or \
-                set(rope_parameters) - {"rope_type", "rope_theta"}:
-            problems.append(f"rope_parameters is {rope_parameters!r}: Etude uses plain RoPE "
-                            "(rope_type 'default', no scaling)")
-        if "rope_theta" in rope_parameters:
-            if "rope_theta" in data and float(data["rope_theta"]) != float(rope_parameters["rope_theta"]):
-                problems.append(f"rope_theta ({data['rope_theta']}) disagrees with rope_parameters.rope_theta "
-                                f"({rope_parameters['rope_theta']})")
-            rope_theta = rope_parameters["rope_theta"]
-    return rope_theta
+    if "rope_theta" in rope_parameters:
+        if "rope_theta" in data and float(data["rope_theta"]) != float(rope_parameters["rope_theta"]):
+            problems.append(f"rope_theta ({data['rope_theta']}) disagrees with rope_parameters.rope_theta "
+                            f"({rope_parameters['rope_theta']})")
+        rope_theta = rope_parameters["rope_theta"]
+    out = {"rope_theta": rope_theta, "max_seq_len": get("max_position_embeddings"), "rope_scaling": None}
+
+    def parameters(raw: dict[str, Any]) -> dict[str, Any]:
+        kind = raw.get("rope_type", raw.get("type", "default"))
+        return {"rope_type": kind, **{k: v for k, v in raw.items() if k not in _ROPE_NON_PARAMETERS}}
+
+    scaling = parameters(rope_scaling or rope_parameters)  # transformers 5: rope_scaling wins
+    if rope_scaling and rope_parameters and parameters(rope_parameters) != scaling:
+        problems.append(f"rope_scaling {rope_scaling!r} and rope_parameters {rope_parameters!r} disagree; "
+                        "keep one of them")
+        return out
+    kind = scaling["rope_type"]
+    if kind == "default":
+        if len(scaling) > 1:
+            problems.append(f"rope_parameters is {rope_parameters or rope_scaling!r}: plain RoPE ('default') "
+                            f"takes no parameters besides rope_theta")
+        return out
+    if kind not in ROPE_SCALING_KEYS:
+        source = "rope_scaling" if rope_scaling else "rope_parameters"
+        problems.append(f"{source} has rope type {kind!r} ({rope_scaling or rope_parameters!r}): Etude computes "
+                        f"plain RoPE and the scalings {', '.join(ROPE_SCALING_KEYS)} only")
+        return out
+    if scaling.pop("partial_rotary_factor", 1.0) != 1.0:
+        problems.append("partial_rotary_factor is not 1: Etude rotates every dimension of a head")
+    length = get("max_position_embeddings")
+    if kind == "yarn":
+        # transformers: the trained length defaults to max_position_embeddings, the factor to the ratio
+        scaling.setdefault("original_max_position_embeddings", length)
+        if scaling.get("factor") is None and isinstance(length, int):
+            scaling["factor"] = length / scaling["original_max_position_embeddings"]
+        scaling = {k: v for k, v in scaling.items() if v is not None}
+    else:
+        # transformers' linear and dynamic use the factor alone; dynamic takes the trained length
+        # from max_position_embeddings, linear stretches it to max_position_embeddings.
+        factor = scaling.get("factor")
+        scaling = {"rope_type": kind, "factor": factor}
+        if isinstance(length, int) and isinstance(factor, (int, float)) and factor >= 1:
+            trained = length if kind == "dynamic" else max(1, int(length / factor))
+            scaling["original_max_position_embeddings"] = trained
+            out["max_seq_len"] = int(factor * length) if kind == "dynamic" else length
+    out["rope_scaling"] = scaling
+    return out
+
+
+def hf_rope_scaling_fields(data: dict[str, Any], rope_type: str | None, factor: float = 1.0,
+                           source: str = "config.json") -> dict[str, Any]:
+    """The config.json fields (max_position_embeddings, rope_theta, rope_scaling, rope_parameters)
+    that scale a Hugging Face model's RoPE `factor` times past its trained length, as the export
+    writes them (inference/hf.py --rope-scaling). rope_type None: plain RoPE at the trained length."""
+    problems: list[str] = []
+    rope = _rope_from_hf(data, {**_DEFAULTS.get(data.get("model_type"), _COMMON_DEFAULTS), **data}.get, problems)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    trained = rope["rope_scaling"]["original_max_position_embeddings"] if rope["rope_scaling"] else rope["max_seq_len"]
+    fields = rope_fields_to_hf(trained, rope["rope_theta"], None)
+    if rope_type is not None:
+        scaling = {"rope_type": rope_type, "factor": float(factor), "original_max_position_embeddings": trained}
+        fields = rope_fields_to_hf(int(factor * trained), rope["rope_theta"], scaling)
+    fields.setdefault("rope_scaling", None)
+    return fields
 
 
 def _moe_fields(model_type: str, data: dict[str, Any], get, problems: list[str]) -> dict[str, Any]:
@@ -214,7 +293,7 @@ def config_from_hf(data: dict[str, Any], tokenizer_vocab_size: int | None = None
     for field in ("attention_bias", "mlp_bias"):
         if get(field):
             problems.append(f"{field} is true: Etude layers have no biases")
-    rope_theta = _rope_theta(data, get, problems)
+    rope = _rope_from_hf(data, get, problems)
     hidden, heads = data["hidden_size"], data["num_attention_heads"]
     head_dim = get("head_dim")
     if head_dim is not None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0 \
@@ -235,8 +314,8 @@ def config_from_hf(data: dict[str, Any], tokenizer_vocab_size: int | None = None
     try:
         return EtudeConfig(
             vocab_size=vocab, hidden_size=hidden, n_layers=data["num_hidden_layers"], n_heads=heads,
-            n_kv_heads=get("num_key_value_heads") or heads, max_seq_len=get("max_position_embeddings"),
-            rope_theta=float(rope_theta), norm_eps=float(get("rms_norm_eps")),
+            n_kv_heads=get("num_key_value_heads") or heads, max_seq_len=rope["max_seq_len"],
+            rope_theta=float(rope["rope_theta"]), rope_scaling=rope["rope_scaling"], norm_eps=float(get("rms_norm_eps")),
             tie_embeddings=bool(get("tie_word_embeddings")), dropout=float(get("attention_dropout")),
             initializer_range=float(get("initializer_range")), **fields)
     except (ConfigError, TypeError, ValueError) as exc:

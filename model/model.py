@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from config import EtudeConfig
 from model.attention import causal_attention
+from model.rope import dynamic_inv_freq, rope_inv_freq
 
 IGNORE_INDEX = -100
 
@@ -48,36 +49,77 @@ class RMSNorm(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for rotary embeddings, Hugging Face layout: the frequencies are repeated
-    as [f0..f(d/2-1), f0..f(d/2-1)] and paired with `rotate_half`."""
+    as [f0..f(d/2-1), f0..f(d/2-1)] and paired with `rotate_half`. `scaling` is the config's
+    rope_scaling (model/rope.py): linear and YaRN change the frequencies (YaRN also scales cos
+    and sin), dynamic NTK recomputes them when a forward reaches past the trained length and the
+    longest one so far (transformers' rule, see _dynamic_frequencies)."""
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq, self.attention_factor = rope_inv_freq(head_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.dynamic = scaling if scaling is not None and scaling["rope_type"] == "dynamic" else None
+        if self.dynamic:  # transformers' state: the longest length seen, and its frequencies
+            self._dynamic_len = self.dynamic["original_max_position_embeddings"]
+            self._dynamic_inv_freq: torch.Tensor | None = None
         self.max_seq_len = max_seq_len
         self._build(max_seq_len)
 
+    def _cos_sin(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions[..., None].float() * inv_freq
+        emb = torch.cat((angles, angles), dim=-1)
+        if self.attention_factor == 1.0:
+            return emb.cos(), emb.sin()
+        return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+
     def _build(self, length: int) -> None:
         positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
-        angles = torch.outer(positions, self.inv_freq)
-        emb = torch.cat((angles, angles), dim=-1)
-        self.register_buffer("cos_table", emb.cos(), persistent=False)
-        self.register_buffer("sin_table", emb.sin(), persistent=False)
+        cos, sin = self._cos_sin(positions, self.inv_freq)
+        self.register_buffer("cos_table", cos, persistent=False)
+        self.register_buffer("sin_table", sin, persistent=False)
+
+    def _dynamic_frequencies(self, seq_len: int, device: torch.device) -> torch.Tensor | None:
+        """Dynamic NTK: the frequencies for a forward that reaches position seq_len - 1, or None
+        where the plain tables apply. Kept as transformers keeps them (its dynamic_rope_update):
+        a forward longer than any before (and than the trained length) recomputes them for its
+        own length; later, shorter forwards reuse them until one ends within the trained length,
+        which goes back to plain RoPE. See model/rope.py dynamic_inv_freq."""
+        original = self.dynamic["original_max_position_embeddings"]
+        if seq_len > self._dynamic_len:  # growth
+            self._dynamic_len = seq_len
+            self._dynamic_inv_freq = dynamic_inv_freq(self.head_dim, self.theta, self.dynamic, seq_len, device)
+        elif seq_len < original < self._dynamic_len:  # back within the trained length: reset
+            self._dynamic_len, self._dynamic_inv_freq = original, None
+        return None if self._dynamic_inv_freq is None else self._dynamic_inv_freq.to(device)
+
+    def _dynamic(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._cos_sin(positions, inv_freq)
+        return cos.to(self.cos_table.dtype), sin.to(self.cos_table.dtype)
 
     def span(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """forward(torch.arange(start, start + length)) as slices of the tables: the same values,
         without reading a position back from the tensor (which torch.compile cannot trace)."""
-        if start + length > self.cos_table.shape[0]:
-            self._build(max(start + length, 2 * self.cos_table.shape[0]))
         end = start + length
+        inv_freq = self._dynamic_frequencies(end, self.cos_table.device) if self.dynamic else None
+        if inv_freq is not None:
+            cos, sin = self._dynamic(torch.arange(start, end, device=self.cos_table.device), inv_freq)
+            return cos[None, None], sin[None, None]
+        if end > self.cos_table.shape[0]:
+            self._build(max(end, 2 * self.cos_table.shape[0]))
         return self.cos_table[start:end][None, None], self.sin_table[start:end][None, None]
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for the given positions: (T,) -> (1, 1, T, d) or (B, T) -> (B, 1, T, d)."""
+        """cos, sin for the given positions: (T,) -> (1, 1, T, d) or (B, T) -> (B, 1, T, d).
+        With dynamic scaling the largest position of the whole batch counts, as in transformers."""
         needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
-        if needed > self.cos_table.shape[0]:
-            self._build(max(needed, 2 * self.cos_table.shape[0]))
-        cos, sin = self.cos_table[position_ids], self.sin_table[position_ids]
+        inv_freq = self._dynamic_frequencies(needed, position_ids.device) if self.dynamic and needed else None
+        if inv_freq is not None:
+            cos, sin = self._dynamic(position_ids, inv_freq)
+        else:
+            if needed > self.cos_table.shape[0]:
+                self._build(max(needed, 2 * self.cos_table.shape[0]))
+            cos, sin = self.cos_table[position_ids], self.sin_table[position_ids]
         if position_ids.dim() == 1:
             return cos[None, None], sin[None, None]
         return cos[:, None], sin[:, None]
@@ -388,12 +430,20 @@ class EtudeModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         self.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # True in the copies model/decoding.py makes (merged or int8 weights): never saved.
         self.decoding_copy = False
+
+    def set_rope_scaling(self, rope_type: str | None, factor: float = 1.0) -> None:
+        """Scale RoPE `factor` times past the trained length from now on (EtudeConfig.
+        with_rope_scaling: linear, dynamic or yarn; None for plain RoPE); max_seq_len, the usable
+        context, becomes factor x the trained length. The weights are untouched."""
+        self.config = self.config.with_rope_scaling(rope_type, factor)
+        self.rotary = RotaryEmbedding(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta,
+                                      self.config.rope_scaling).to(self.embed_tokens.weight.device)
 
     def reset_parameters(self) -> None:
         """Normal(0, initializer_range) for every matrix; the projections that write into the

@@ -181,7 +181,8 @@ def test_weights_that_do_not_match_the_config_are_refused_before_writing(tmp_pat
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
-    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 5e5, "factor": 2.0}}, "rope_parameters"),
+    # linear, dynamic and yarn import since issue 23 (tests/test_rope_scaling.py); llama3 does not
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 2.0}}, "rope_parameters"),
     ({"head_dim": 32}, "head_dim"),
     ({"vocab_size": 640}, "vocab_size is 640 but the tokenizer beside it has 512"),
     ({"hidden_act": "gelu"}, "hidden_act"),
