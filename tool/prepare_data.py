@@ -57,6 +57,7 @@ from config import DATA_DIR, PRETRAIN_DATA, PRETRAIN_VAL_DATA, SFT_DATA, SFT_VAL
 from model.checkpoint import atomic_write
 from tool.textio import Reader, compression
 from model.chat_formats import Rejected, rejection_text, to_conversation
+from model.synthetic_tasks import training_problems
 
 PRETRAIN_VAL_FRACTION = 0.02
 SFT_VAL_FRACTION = 0.05
@@ -74,6 +75,11 @@ QA_REPEATS = 5
 MULTI_TURN_FRACTION = 0.15
 MULTI_TURN_MAX_TURNS = 6
 SYSTEM_PROMPT_FRACTION = 0.2
+# Synthetic problems with checkable answers (model/synthetic_tasks.py) added to the SFT training
+# split, so the SFT model answers some of them and GRPO (train/train_grpo.py) has a reward to
+# raise. Seeded apart from the evaluation problems, whose questions are left out.
+SYNTHETIC_SFT = {"arithmetic": 6000}
+SYNTHETIC_SFT_SEED = 1
 SYSTEM_PROMPTS = {
     "en": ("You are Etude, a helpful assistant.",
            "You are Etude, a friendly assistant. Keep your answers short.",
@@ -565,12 +571,23 @@ def write_demo_corpus(args: argparse.Namespace) -> None:
     qa_train, qa_val = split_validation(qa_groups, fraction, 1, rng, "Q&A conversations")
     train += qa_train * QA_REPEATS
     val += qa_val
+    synthetic = synthetic_conversations()
+    train += synthetic
     rng.shuffle(train)
     print(f"  chatterbot Q&A: {len(qa_train):,} training conversations x {QA_REPEATS}, "
           f"{len(qa_val):,} for validation")
+    print(f"  synthetic problems (training only, evaluation questions left out): "
+          + ", ".join(f"{count:,} {kind}" for kind, count in SYNTHETIC_SFT.items()))
     write_jsonl(out / SFT_DATA.name, [{"conversations": messages} for messages in train])
     write_jsonl(out / SFT_VAL_DATA.name, [{"conversations": messages} for messages in val])
     write_jsonl(out / LORA_IDENTITY_FILE, [{"conversations": m} for m in lora_identity(args.seed, train)])
+
+
+def synthetic_conversations() -> list[list[dict[str, str]]]:
+    """One user question and the bare answer per problem of SYNTHETIC_SFT."""
+    return [[{"role": "user", "content": p.question}, {"role": "assistant", "content": p.answer}]
+            for kind, count in SYNTHETIC_SFT.items()
+            for p in training_problems(kind, count, seed=SYNTHETIC_SFT_SEED)]
 
 
 def remove_stale_buckets(out: Path) -> None:
