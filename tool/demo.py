@@ -5,8 +5,10 @@
 
 prepare data -> train the tokenizer -> pretrain -> supervised fine-tuning -> chat -> LoRA (a small
 adapter that renames the assistant "Mira") -> the same questions with and without the adapter ->
-evaluation of the pretrained, SFT and LoRA models on a sample of each task (a table, and a report
-card with plots in weight/report/).
+DPO (preference pairs from the SFT model's own degenerate answers) and GRPO (arithmetic, rewarded by
+a checker) -> evaluation of the pretrained, SFT and LoRA models on a sample of each task (a table,
+and a report card with plots in weight/report/), and of the DPO and GRPO models on chat and
+arithmetic.
 Each stage is the same command you would type yourself (they are printed), so the demo doubles
 as a tour.
 Stages resume: running the demo again continues an interrupted run, or skips finished training.
@@ -53,6 +55,23 @@ def lora_command(preset: str) -> list[str]:
     return ["train/train_lora.py", "--preset", preset, "--lora-name", LORA_NAME]
 
 
+def alignment_commands(preset: str) -> list[tuple[str, list[str]]]:
+    """Beyond SFT: preference pairs from the SFT model's own answers, DPO on them, and GRPO on
+    arithmetic prompts with a checker; each starts from the SFT model."""
+    return [
+        ("dpo pairs", ["tool/prepare_data.py", "--dpo"]),
+        ("dpo", ["train/train_dpo.py", "--preset", preset]),
+        ("grpo", ["train/train_grpo.py", "--preset", preset]),
+    ]
+
+
+def alignment_evaluate_command() -> list[str]:
+    """The DPO model on the chat task (degenerate answers) and the GRPO model on arithmetic; the
+    SFT model's figures on the same questions are in the main evaluation's table."""
+    return ["tool/evaluate.py", "weight/etude_dpo_model", "weight/etude_grpo_model", "--tasks", "chat,arithmetic",
+            "--limit", str(EVAL_LIMIT)]
+
+
 def evaluate_command() -> list[str]:
     return ["tool/evaluate.py", "weight/etude_pretrained_model", "weight/etude_sft_model", f"weight/lora/{LORA_NAME}",
             "--limit", str(EVAL_LIMIT), "--report", "weight/report"]
@@ -92,8 +111,14 @@ def main(argv: list[str] | None = None) -> int:
             run(["inference/inference.py", "--prompt", question, "--temperature", "0", "--max-new-tokens", "64", *lora])
     timings.append(("lora chat", time.perf_counter() - t0))
 
+    for name, command in alignment_commands(args.preset):
+        t0 = time.perf_counter()
+        run(command)
+        timings.append((name, time.perf_counter() - t0))
+
     t0 = time.perf_counter()
     run(evaluate_command())
+    run(alignment_evaluate_command())
     timings.append(("evaluate", time.perf_counter() - t0))
 
     print("\ndemo finished; stage times:")

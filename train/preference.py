@@ -42,6 +42,10 @@ class Pair:
     prompt: tuple
     chosen: str
     rejected: str
+    # False for a rejected reply that was cut off without ending its turn (the demo pairs mark
+    # such replies "rejected_ends": false): its tokens are scored without a closing <|im_end|>,
+    # so DPO pushes down the rambling, not the ending it never reached.
+    rejected_ends: bool = True
 
 
 def _messages(value, what: str) -> list[dict]:
@@ -90,7 +94,10 @@ def to_pair(obj: object) -> Pair:
         chosen, rejected = chosen[-1:], rejected[-1:]
     if not prompt:
         raise ValueError("the pair has no prompt: the reply must follow at least one message")
-    pair = Pair(tuple(prompt), _reply(chosen, "chosen"), _reply(rejected, "rejected"))
+    rejected_ends = obj.get("rejected_ends", True)
+    if not isinstance(rejected_ends, bool):
+        raise ValueError(f'"rejected_ends" must be true or false, got {rejected_ends!r}')
+    pair = Pair(tuple(prompt), _reply(chosen, "chosen"), _reply(rejected, "rejected"), rejected_ends)
     if pair.chosen == pair.rejected:
         raise ValueError("chosen and rejected are the same reply; such a pair teaches nothing")
     return pair
@@ -107,14 +114,14 @@ def read_pairs(path: Path | str, skip_bad_lines: bool = False) -> list[Pair]:
     return pairs
 
 
-def render_reply(tokenizer: EtudeTokenizer, prompt: list[dict], reply: str) -> tuple[list[int], int]:
+def render_reply(tokenizer: EtudeTokenizer, prompt: list[dict], reply: str, ends: bool = True) -> tuple[list[int], int]:
     """(ids of the prompt and the reply, number of leading ids that are not the reply's): the
-    reply's tokens are its content and the <|im_end|> that closes it; the newline after that
-    is dropped (generation stops at <|im_end|>)."""
+    reply's tokens are its content and the <|im_end|> that closes it (left out when not `ends`);
+    the newline after that is dropped (generation stops at <|im_end|>)."""
     prompt_ids, _ = tokenizer.render_chat(prompt)
     ids, mask = tokenizer.render_chat([*prompt, {"role": "assistant", "content": reply}])
     start = next(i for i in range(len(prompt_ids), len(ids)) if mask[i])
-    end = max(i for i in range(start, len(ids)) if mask[i]) + 1
+    end = max(i for i in range(start, len(ids)) if mask[i]) + (1 if ends else 0)
     return ids[:end], start
 
 
@@ -129,8 +136,8 @@ class PreferencePairs:
         self.rows: list[tuple[np.ndarray, np.ndarray]] = []
         self.truncated = 0
         for pair in pairs:
-            for reply in (pair.chosen, pair.rejected):
-                self.rows.append(self._row(*render_reply(tokenizer, list(pair.prompt), reply)))
+            for reply, ends in ((pair.chosen, True), (pair.rejected, pair.rejected_ends)):
+                self.rows.append(self._row(*render_reply(tokenizer, list(pair.prompt), reply, ends)))
         self.num_samples = len(pairs)
         if self.truncated:
             print(f"{name}: {self.truncated} of {2 * len(pairs)} replies with their prompt are longer than "
@@ -156,10 +163,27 @@ class PreferencePairs:
         return ids[:, :-1], labels[:, 1:]
 
 
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each target, (B, T) in fp32; 0 where the target is -100."""
+    return -F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+
+
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum over each row of the log-probability of its targets (-100 targets count nothing), in fp32."""
-    per_token = -F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return per_token.sum(-1)
+    return token_logps(logits, targets).sum(-1)
+
+
+def reference_token_logps(reference: EtudeModel | None, model: torch.nn.Module, inputs: torch.Tensor,
+                          targets: torch.Tensor) -> torch.Tensor:
+    """token_logps of the frozen reference, without gradients; reference None means `model` with
+    its LoRA adapters switched off (when only an adapter trains, the base is the reference)."""
+    with torch.no_grad():
+        if reference is None:
+            base = getattr(model, "module", model)  # under DDP, the wrapped model
+            with adapters_disabled(base):
+                return token_logps(base(inputs)[0], targets)
+        reference.to(inputs.device)  # a no-op after the first batch
+        return token_logps(reference(inputs)[0], targets)
 
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
@@ -191,22 +215,11 @@ class DPOObjective(Objective):
     def units(self, batch) -> int:
         return batch[0].shape[0] // 2
 
-    def reference_logps(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            if self.reference is None:
-                base = getattr(model, "module", model)  # under DDP, the wrapped model
-                with adapters_disabled(base):
-                    logits = base(inputs)[0]
-            else:
-                self.reference.to(inputs.device)  # a no-op after the first batch
-                logits = self.reference(inputs)[0]
-            return sequence_logps(logits, targets)
-
     def __call__(self, model, batch):
         inputs, targets = batch
         logits, _, aux_loss = model(inputs)
         logps = sequence_logps(logits, targets)
-        ref_logps = self.reference_logps(model, inputs, targets)
+        ref_logps = reference_token_logps(self.reference, model, inputs, targets).sum(-1)
         chosen, rejected = logps.chunk(2)
         ref_chosen, ref_rejected = ref_logps.chunk(2)
         loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
