@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from model.checkpoint import load_model_folder, save_model_folder
+from model.checkpoint import load_model_folder
 from model.lora import ADAPTER_WEIGHTS_FILE, adapters_disabled, apply_lora
 from model.model import IGNORE_INDEX
 from model.tokenizer import load_tokenizer
@@ -18,9 +18,8 @@ from train.data import DataError
 from train.preference import (DPOObjective, Pair, PreferencePairs, dpo_loss, read_pairs, render_reply,
                               sequence_logps)
 from train.train_dpo import main as dpo_main
-from train.trainer import Trainer
 
-from tests.helpers import QA, step_losses
+from tests.helpers import QA, crash_at_step, step_losses
 from tests.test_convert_hf import export, make_native
 
 
@@ -167,18 +166,8 @@ def test_dpo_learns_the_preference_and_keeps_the_reference_out(toy):
 
 
 def test_dpo_resume_is_exact(toy, tmp_path, monkeypatch):
-    original = Trainer._train_step
-
-    def dies_at_step_12(self, step):
-        if step == 12:
-            raise KeyboardInterrupt  # a crash between checkpoints (steps 9-12 are redone)
-        return original(self, step)
-
     out = tmp_path / "interrupted"
-    monkeypatch.setattr(Trainer, "_train_step", dies_at_step_12)
-    with pytest.raises(KeyboardInterrupt):
-        dpo_main([*toy["args"], "--out-dir", str(out)])
-    monkeypatch.setattr(Trainer, "_train_step", original)
+    crash_at_step(monkeypatch, dpo_main, [*toy["args"], "--out-dir", str(out)], 12)  # steps 9-12 are redone
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 8
     assert dpo_main([*toy["args"], "--out-dir", str(out)]) == 0
     assert step_losses(out) == step_losses(toy["folder"] / "dpo")

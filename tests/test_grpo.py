@@ -17,9 +17,8 @@ from train.preference import sequence_logps
 from train.rollouts import GRPOObjective, RolloutPrompts, read_task_prompts
 from train.train_grpo import main as grpo_main
 from train.train_sft import main as sft_main
-from train.trainer import Trainer
 
-from tests.helpers import step_losses
+from tests.helpers import crash_at_step, step_losses
 from tests.test_convert_hf import make_native
 
 TASK = "counting"
@@ -122,18 +121,8 @@ def test_grpo_run_logs_rewards_and_writes_a_model_folder(toy):
 
 def test_grpo_resume_is_exact(toy, tmp_path, monkeypatch):
     """A run that dies after its step-4 checkpoint draws the same completions again on resume."""
-    original = Trainer._train_step
-
-    def dies_at_step_6(self, step):
-        if step == 6:
-            raise KeyboardInterrupt
-        return original(self, step)
-
     out = tmp_path / "interrupted"
-    monkeypatch.setattr(Trainer, "_train_step", dies_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        grpo_main([*toy["args"], "--out-dir", str(out)])
-    monkeypatch.setattr(Trainer, "_train_step", original)
+    crash_at_step(monkeypatch, grpo_main, [*toy["args"], "--out-dir", str(out)], 6)
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
     assert grpo_main([*toy["args"], "--out-dir", str(out)]) == 0
     assert step_losses(out) == step_losses(toy["folder"] / "grpo")

@@ -586,7 +586,7 @@ def write_demo_corpus(args: argparse.Namespace) -> None:
     rng.shuffle(train)
     print(f"  chatterbot Q&A: {len(qa_train):,} training conversations x {QA_REPEATS}, "
           f"{len(qa_val):,} for validation")
-    print(f"  synthetic problems (training only, evaluation questions left out): "
+    print("  synthetic problems (training only, evaluation questions left out): "
           + ", ".join(f"{count:,} {kind}" for kind, count in SYNTHETIC_SFT.items()))
     write_jsonl(out / SFT_DATA.name, [{"conversations": messages} for messages in train])
     write_jsonl(out / SFT_VAL_DATA.name, [{"conversations": messages} for messages in val])
