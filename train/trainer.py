@@ -2,10 +2,11 @@
 
 A stage hands `Trainer` a model, its training (and validation) windows, a TrainConfig and, when it
 minimises something other than next-token cross-entropy, an `Objective` (the loss of a batch: DPO's
-preference loss, GRPO's policy-gradient loss); the trainer owns everything else: device and precision, distributed data parallel under torchrun,
-gradient accumulation, the learning-rate schedule, clipping, evaluation (loss and bits per byte),
-logging (tqdm bar + metrics.jsonl, and TensorBoard or W&B through train/tracking.py), checkpoints
-and exact resume, and Ctrl-C handling.
+preference loss, GRPO's policy-gradient loss); the trainer owns everything else: device and
+precision, distributed data parallel under torchrun, gradient accumulation, the learning-rate
+schedule, clipping, evaluation (loss and bits per byte, or the objective's own figures), logging
+(tqdm bar + metrics.jsonl, and TensorBoard or W&B through train/tracking.py), checkpoints and
+exact resume, and Ctrl-C handling.
 
 Exact resume: the data order is a pure function of (seed, epoch) and the position is the step
 number, so a resumed run draws the same batches in the same order; weights and optimizer state
