@@ -33,6 +33,34 @@ from train.rollouts import GRPOObjective, RolloutPrompts, read_task_prompts
 from train.trainer import Trainer
 
 
+def plot_rewards(out_dir: Path) -> Path:
+    """reward.png beside metrics.jsonl: mean reward per step and its 10-step moving average."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    steps = [r["step"] for r in records if "reward" in r]
+    rewards = [r["reward"] for r in records if "reward" in r]
+    window = 10
+    smooth = [sum(rewards[max(0, i - window + 1):i + 1]) / len(rewards[max(0, i - window + 1):i + 1])
+              for i in range(len(rewards))]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot(steps, rewards, color="0.75", linewidth=1, label="mean reward of the step's completions")
+    axis.plot(steps, smooth, color="C0", linewidth=2, label=f"{window}-step moving average")
+    axis.set_xlabel("step")
+    axis.set_ylabel("reward")
+    axis.set_title(f"GRPO: {out_dir.name}")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path = out_dir / "reward.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser("grpo", __doc__)
     add = parser.add_argument
@@ -75,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
                           decode=tokenizer.decode, stop_ids=(tokenizer.im_end_id,),
                           objective=GRPOObjective(args.epsilon, args.kl_coef, reference))
         prompts.policy = trainer.model
-        return trainer.fit()
+        summary = trainer.fit()
+        if summary.get("status") == "complete" and trainer.dist.is_main:
+            print(f"reward curve: {plot_rewards(Path(cfg.out_dir))}")
+        return summary
 
     return run_stage(body)
 
