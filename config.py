@@ -326,9 +326,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # idle CPU cores) and keep most trained answers (see tool/prepare_data.py LORA_REHEARSAL).
         "lora": dict(seq_len=256, batch_size=4, lr=2e-3, epochs=3, warmup_steps=10, eval_every=50,
                      eval_batches=4, save_every=50, log_every=5),
-        "dpo": dict(seq_len=256, batch_size=8, lr=5e-5, epochs=2, warmup_steps=10, eval_every=50,
+        "dpo": dict(seq_len=256, batch_size=8, lr=1e-4, epochs=2, warmup_steps=10, eval_every=50,
                     eval_batches=8, save_every=50, log_every=5),
-        "grpo": dict(seq_len=256, batch_size=8, lr=5e-5, max_steps=150, warmup_steps=5, eval_every=50,
+        "grpo": dict(seq_len=256, batch_size=8, lr=1e-4, max_steps=100, warmup_steps=5, eval_every=50,
                      save_every=25, log_every=5),
     },
     # ~26M parameters: the size minimind users know.

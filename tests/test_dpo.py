@@ -201,3 +201,20 @@ def test_dpo_refuses_missing_data_and_bad_beta(toy, tmp_path, capsys):
     assert "prepare_data.py --dpo" in capsys.readouterr().err
     assert dpo_main([*args, "--beta", "0"]) == 2
     assert "--beta must be > 0" in capsys.readouterr().err
+
+
+def test_degenerate_rule_and_a_cut_off_rejected_reply(tiny_tokenizer_dir, tmp_path):
+    from tool.eval.tasks import degenerate_reply
+    assert degenerate_reply("I do not know. I do not know.", ended=True) == "repeats 'i do not'"
+    assert degenerate_reply("Hello! Nice to meet you.", ended=False) == "never ends its turn"
+    assert degenerate_reply("Hello! Nice to meet you.", ended=True) is None
+    assert degenerate_reply("我们的朋友我们的", ended=True) is not None  # Chinese: by characters
+    # A rejected reply that was cut off is scored without the <|im_end|> it never produced.
+    line = {**pair_lines(1)[0], "rejected_ends": False}
+    write_lines(tmp_path / "cut.jsonl", [line])
+    pair = read_pairs(tmp_path / "cut.jsonl")[0]
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    _, targets = PreferencePairs([pair], tokenizer, 127).get_batch([0])
+    scored = [t for t in targets[1].tolist() if t != IGNORE_INDEX]
+    assert tokenizer.decode(scored) == pair.rejected
+    assert tokenizer.decode([t for t in targets[0].tolist() if t != IGNORE_INDEX]).endswith("<|im_end|>")
