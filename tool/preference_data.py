@@ -23,10 +23,12 @@ rejected answer is degenerate).
 from __future__ import annotations
 
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from tool.eval.models import load_eval_model
 from tool.eval.tasks import CHAT_MAX_NEW_TOKENS, chat_questions, degenerate_reply
@@ -38,7 +40,8 @@ BATCH_SIZE = 32
 def model_answers(model, questions, batch_size: int = BATCH_SIZE) -> list[tuple[str, bool]]:
     """(greedy answer, whether it ended its turn) for each question."""
     answers = []
-    for start in range(0, len(questions), batch_size):
+    for start in tqdm(range(0, len(questions), batch_size), desc="answers", unit="batch", file=sys.stderr,
+                      disable=not sys.stderr.isatty()):
         batch = [model.chat_ids(list(q.messages)) for q in questions[start:start + batch_size]]
         for ids in model.generate(batch, CHAT_MAX_NEW_TOKENS, model.stop_ids):
             answers.append((model.decode([t for t in ids if t not in model.stop_ids]), bool(ids) and ids[-1] in model.stop_ids))
