@@ -120,3 +120,13 @@ def crash_at_step(monkeypatch, stage_main, args: list[str], step: int) -> None:
     with pytest.raises(KeyboardInterrupt):
         stage_main(args)
     monkeypatch.setattr(Trainer, "_train_step", original)
+
+
+def check_exact_resume(monkeypatch, stage_main, args: list[str], out: Path, crash_at: int, saved_at: int,
+                       reference: Path) -> None:
+    """A run crashed at step `crash_at` (its last checkpoint at `saved_at`), then run again with
+    the same arguments, logs the very losses of the uninterrupted run in `reference`."""
+    crash_at_step(monkeypatch, stage_main, [*args, "--out-dir", str(out)], crash_at)
+    assert checkpoint_step(out) == saved_at
+    assert stage_main([*args, "--out-dir", str(out)]) == 0
+    assert step_losses(out) == step_losses(reference)

@@ -19,7 +19,7 @@ from train.preference import (DPOObjective, Pair, PreferencePairs, dpo_loss, rea
                               sequence_logps)
 from train.train_dpo import main as dpo_main
 
-from tests.helpers import QA, crash_at_step, step_losses
+from tests.helpers import QA, check_exact_resume
 from tests.test_convert_hf import export, make_native
 
 
@@ -167,10 +167,7 @@ def test_dpo_learns_the_preference_and_keeps_the_reference_out(toy):
 
 def test_dpo_resume_is_exact(toy, tmp_path, monkeypatch):
     out = tmp_path / "interrupted"
-    crash_at_step(monkeypatch, dpo_main, [*toy["args"], "--out-dir", str(out)], 12)  # steps 9-12 are redone
-    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 8
-    assert dpo_main([*toy["args"], "--out-dir", str(out)]) == 0
-    assert step_losses(out) == step_losses(toy["folder"] / "dpo")
+    check_exact_resume(monkeypatch, dpo_main, toy["args"], out, 12, 8, toy["folder"] / "dpo")  # 9-12 redone
     assert dpo_main([*toy["args"], "--out-dir", str(out), "--beta", "0.5", "--max-steps", "30"]) == 2  # other beta
 
 

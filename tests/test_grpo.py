@@ -18,7 +18,7 @@ from train.rollouts import GRPOObjective, RolloutPrompts, read_task_prompts
 from train.train_grpo import main as grpo_main
 from train.train_sft import main as sft_main
 
-from tests.helpers import crash_at_step, step_losses
+from tests.helpers import check_exact_resume
 from tests.test_convert_hf import make_native
 
 TASK = "counting"
@@ -122,10 +122,7 @@ def test_grpo_run_logs_rewards_and_writes_a_model_folder(toy):
 def test_grpo_resume_is_exact(toy, tmp_path, monkeypatch):
     """A run that dies after its step-4 checkpoint draws the same completions again on resume."""
     out = tmp_path / "interrupted"
-    crash_at_step(monkeypatch, grpo_main, [*toy["args"], "--out-dir", str(out)], 6)
-    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
-    assert grpo_main([*toy["args"], "--out-dir", str(out)]) == 0
-    assert step_losses(out) == step_losses(toy["folder"] / "grpo")
+    check_exact_resume(monkeypatch, grpo_main, toy["args"], out, 6, 4, toy["folder"] / "grpo")
     rewards = lambda folder: [json.loads(line).get("reward") for line in (folder / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert rewards(out) == rewards(toy["folder"] / "grpo")
 
