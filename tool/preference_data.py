@@ -67,14 +67,15 @@ def preference_pairs(model, questions) -> tuple[list[dict], dict[str, int]]:
     return pairs, counts
 
 
-def build(model_dir: Path, train_path: Path, val_path: Path, count: int, seed: int,
+def build(model_dir: Path, train_path: Path, val_path: Path, count: int, val_count: int | None, seed: int,
           exclude: set[str]) -> tuple[tuple[list[dict], dict], tuple[list[dict], dict]]:
     """(training pairs, counts) from a seeded sample of `count` conversations of train_path whose
-    last question is not in `exclude`, and (held-out pairs, counts) from all of val_path."""
+    last question is not in `exclude`, and (held-out pairs, counts) from the first `val_count`
+    (None: all) of val_path."""
     started = time.perf_counter()
     model = load_eval_model(model_dir, torch.device("cpu"), torch.float32)
     train = [q for q in chat_questions(train_path) if q.messages[-1]["content"] not in exclude]
     random.Random(f"etude-dpo:{seed}").shuffle(train)
-    result = preference_pairs(model, train[:count]), preference_pairs(model, chat_questions(val_path))
+    result = preference_pairs(model, train[:count]), preference_pairs(model, chat_questions(val_path)[:val_count])
     print(f"  sampled {model_dir}'s answers in {time.perf_counter() - started:.0f} s")
     return result

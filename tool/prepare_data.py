@@ -615,7 +615,7 @@ def write_dpo_pairs(args: argparse.Namespace) -> None:
     print(f"building preference pairs from {args.dpo_model}'s answers")
     synthetic = {turns[0]["content"] for turns in synthetic_conversations()}
     (train, train_counts), (val, val_counts) = build(args.dpo_model, out / SFT_DATA.name, out / SFT_VAL_DATA.name,
-                                                     args.dpo_prompts, args.seed, synthetic)
+                                                     args.dpo_prompts, args.dpo_val_prompts, args.seed, synthetic)
     for name, pairs, counts in ((DPO_DATA.name, train, train_counts), (DPO_VAL_DATA.name, val, val_counts)):
         print(f"  {name}: {len(pairs):,} pairs from {counts.pop('prompts'):,} prompts ("
               + ", ".join(f"{key}: {value:,}" for key, value in counts.items()) + ")")
@@ -690,6 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dpo-model", type=Path, default=SFT_DIR, help=f"--dpo: the model that answers (default {SFT_DIR})")
     parser.add_argument("--dpo-prompts", type=int, default=None,
                         help="--dpo: training prompts sampled from sft.jsonl (default 1500)")
+    parser.add_argument("--dpo-val-prompts", type=int, default=None,
+                        help="--dpo: held-out prompts, the first of sft.val.jsonl (default all)")
     parser.add_argument("--languages", nargs="+", default=list(CHATTERBOT_LANGUAGES),
                         help="chatterbot-corpus languages of the demo (default english chinese)")
     return parser
