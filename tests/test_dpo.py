@@ -215,3 +215,22 @@ def test_degenerate_rule_and_a_cut_off_rejected_reply(tiny_tokenizer_dir, tmp_pa
     scored = [t for t in targets[1].tolist() if t != IGNORE_INDEX]
     assert tokenizer.decode(scored) == pair.rejected
     assert tokenizer.decode([t for t in targets[0].tolist() if t != IGNORE_INDEX]).endswith("<|im_end|>")
+
+
+def test_demo_pairs_from_the_models_own_answers(tiny_tokenizer_dir, tmp_path):
+    """prepare_data --dpo: a random toy model's answers never end, so every prompt makes a pair
+    whose rejected side is the model's cut-off answer and whose chosen side is the data's reply."""
+    from tool.prepare_data import main as prepare_main
+
+    from tests.helpers import write_sft
+    make_native(tmp_path / "model", tiny_tokenizer_dir, seed=0)
+    write_sft(tmp_path / "sft.jsonl", repeats=2)
+    write_sft(tmp_path / "sft.val.jsonl", repeats=1)
+    assert prepare_main(["--dpo", "--dpo-model", str(tmp_path / "model"), "--out-dir", str(tmp_path),
+                         "--dpo-prompts", "5", "--dpo-val-prompts", "3"]) == 0
+    train, val = read_pairs(tmp_path / "dpo.jsonl"), read_pairs(tmp_path / "dpo.val.jsonl")
+    assert (len(train), len(val)) == (5, 3)
+    lines = [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
+    assert all(line["rule"] == "never ends its turn" and line["rejected_ends"] is False for line in lines)
+    replies = {answer for _, answer in QA}
+    assert all(pair.chosen in replies and not pair.rejected_ends for pair in train + val)
