@@ -26,6 +26,7 @@ LORA_DIR = WEIGHT_DIR / "lora"
 DPO_DIR = WEIGHT_DIR / "etude_dpo_model"
 GRPO_DIR = WEIGHT_DIR / "etude_grpo_model"
 HF_DIR = WEIGHT_DIR / "etude_hf_model"
+GGUF_DIR = WEIGHT_DIR / "etude_gguf"
 
 DATA_DIR = ROOT / "training_data"
 PRETRAIN_DATA = DATA_DIR / "pretrain.jsonl"
@@ -58,6 +59,10 @@ def _reject_unknown(cls: type, data: dict[str, Any], what: str) -> None:
             f"{what}: unknown key(s) {unknown}. Known keys: {sorted(known)}. "
             "Remove or rename them (was the file written by another program or version?)."
         )
+
+
+# The mixture-of-experts fields of EtudeConfig: they mean nothing unless use_moe is on.
+MOE_FIELDS = ("n_experts", "top_k", "n_shared_experts", "aux_loss_coef", "norm_topk_prob")
 
 
 @dataclass
@@ -148,6 +153,10 @@ class EtudeConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def applicable(self) -> dict[str, Any]:
+        """The fields that shape this model, for printing: a dense model has no expert settings."""
+        return {k: v for k, v in self.to_dict().items() if self.use_moe or k not in MOE_FIELDS}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EtudeConfig":
         """Build from a dict (e.g. a model folder's config.json); unknown keys are an error."""
@@ -219,7 +228,13 @@ class TrainConfig:
     on_nan: str = "skip"
     # Experiment tracking beside metrics.jsonl (train/tracking.py): none, tensorboard or wandb.
     tracker: str = "none"
-    sample_prompt: str = "The "
+    # Which model the out-dir receives at the end: "best", the evaluation with the lowest
+    # validation loss (train/best_model.py), or "last", the final step's. Without validation
+    # data both are the last step's.
+    keep: str = "best"
+    # No trailing space: byte-level BPE attaches a space to the word after it, so "The " ends in
+    # a lone space token that the model has rarely seen.
+    sample_prompt: str = "The"
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -270,12 +285,26 @@ class TrainConfig:
             out.append(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         if self.on_nan not in ("skip", "stop"):
             out.append(f"on_nan must be skip or stop, got {self.on_nan!r}")
+        if self.keep not in ("best", "last"):
+            out.append(f"keep must be best or last, got {self.keep!r}")
         if self.tracker not in TRACKERS:
             out.append(f"tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def applicable(self) -> dict[str, Any]:
+        """The settings this run uses, for printing: Muon's only with --optimizer muon, the
+        cool-down's only with --schedule wsd."""
+        unused = set()
+        if self.optimizer != "muon":
+            unused |= {"muon_lr", "muon_weight_decay"}
+        if self.schedule != "wsd":
+            unused |= {"cooldown_frac", "cooldown"}
+        if self.stop_at_step is None:
+            unused.add("stop_at_step")
+        return {k: v for k, v in self.to_dict().items() if k not in unused}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -288,7 +317,7 @@ class TrainConfig:
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": dict(stage="pretrain", data=str(PRETRAIN_DATA), val_data=str(PRETRAIN_VAL_DATA),
                      out_dir=str(PRETRAINED_DIR), init_from=None, batch_size=16, lr=3e-4, epochs=3,
-                     sample_prompt="The "),
+                     sample_prompt="The"),
     "sft": dict(stage="sft", data=str(SFT_DATA), val_data=str(SFT_VAL_DATA), out_dir=str(SFT_DIR),
                 init_from=str(PRETRAINED_DIR), batch_size=8, lr=3e-5, epochs=3, warmup_steps=20,
                 sample_prompt="Hello! Who are you?"),

@@ -22,7 +22,7 @@ import secrets
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:
@@ -84,6 +84,9 @@ class HFChat:
             raise ValueError("the model's generation_config.json names no eos_token_id, so an answer "
                              "would never end; add one (an Etude export has <|im_end|>)")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        # No token stands for more characters than its spelling has (a byte-level token spells each
+        # byte as one character); doubled for normalizers that fold characters together.
+        self.max_token_chars = 2 * max(len(token) for token in tokenizer.get_vocab())
         # transformers samples from torch's global generator; greedy decoding ignores it.
         if seed is not None:
             torch.manual_seed(seed)
@@ -114,8 +117,9 @@ class HFChat:
                 ids += self.tokenizer(piece, add_special_tokens=False).input_ids
         return ids
 
-    def prompt_ids(self, messages: list[dict]) -> tuple[list[int], str | None]:
-        return fit_to_context(messages, self.render, self.context, self.max_new_tokens)
+    def prompt_ids(self, messages: list[dict], trim: bool = True) -> tuple[list[int], str | None]:
+        return fit_to_context(messages, self.render, self.context, self.max_new_tokens, trim=trim,
+                              max_token_chars=self.max_token_chars)
 
     def _generate_kwargs(self, ids: torch.Tensor, mask: torch.Tensor) -> dict:
         device = self.model.device
@@ -156,8 +160,19 @@ class HFChat:
     def answer(self, messages: list[dict]) -> str:
         return "".join(self.stream(messages))
 
-    def answer_batch(self, conversations: list[list[dict]]) -> list[str]:
-        """Answers for several conversations in one left-padded generate call."""
+    def answer_batch(self, conversations: list[list[dict]], max_batch: int | None = None,
+                     progress: Callable[[int], None] | None = None) -> list[str]:
+        """Answers for several conversations, `max_batch` per left-padded generate call;
+        `progress(n)` is called when n answers are done."""
+        step = max_batch or len(conversations)
+        answers: list[str] = []
+        for start in range(0, len(conversations), step):
+            answers += self._answer_together(conversations[start:start + step])
+            if progress is not None:
+                progress(len(answers))
+        return answers
+
+    def _answer_together(self, conversations: list[list[dict]]) -> list[str]:
         prompts = batch_prompts(self, conversations)
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)

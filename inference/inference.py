@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 import torch
 
 from config import PRETRAINED_DIR, SFT_DIR
+from inference.engine import Engine, Request, StreamDecoder
 from model.checkpoint import load_model_folder
 from model.lora import load_adapter, merge_and_unload, resolve_adapter
 from model.decoding import inference_dtype, merge_projections, pick_inference_device, quantize_int8
@@ -36,6 +38,29 @@ from model.model import EtudeModel
 from model.tokenizer import EtudeTokenizer, load_tokenizer, not_text, validate_messages
 
 COMMANDS = "/reset forgets the conversation, /system TEXT sets the system prompt, /quit leaves"
+# A line like "/word ..." is a command; "//..." sends the text from its second slash on.
+COMMAND = re.compile(r"/([A-Za-z]\w*)(?:\s+(.*))?", re.DOTALL)
+# Sampling values that sample. Below these a float32 logit overflows to inf (temperature,
+# repetition penalty) or top_p rounds to 0 and filters out every token: "probability tensor
+# contains inf/nan". Temperature 0 is greedy decoding.
+TEMPERATURE_RANGE = (1e-5, 2.0)
+TOP_P_RANGE = (1e-6, 1.0)
+REPETITION_PENALTY_RANGE = (0.01, 10.0)
+
+
+def sampling_problems(temperature: float, top_p: float, top_k: int, repetition_penalty: float) -> list[str]:
+    """What is wrong with command-line sampling values (the ranges above), all at once."""
+    problems = []
+    if temperature != 0 and not TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]:
+        problems.append(f"--temperature must be 0 (greedy) or in [{TEMPERATURE_RANGE[0]:g}, "
+                        f"{TEMPERATURE_RANGE[1]:g}], got {temperature}")
+    for flag, value, (low, high) in (("--top-p", top_p, TOP_P_RANGE),
+                                     ("--repetition-penalty", repetition_penalty, REPETITION_PENALTY_RANGE)):
+        if not low <= value <= high:
+            problems.append(f"{flag} must be in [{low:g}, {high:g}], got {value}")
+    if top_k < 0:
+        problems.append(f"--top-k must be >= 0, got {top_k}")
+    return problems
 
 
 class Chat:
@@ -56,11 +81,12 @@ class Chat:
         self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         self.stop_ids = (tokenizer.im_end_id, tokenizer.eos_id)
 
-    def prompt_ids(self, messages: list[dict]) -> tuple[list[int], str | None]:
+    def prompt_ids(self, messages: list[dict], trim: bool = True) -> tuple[list[int], str | None]:
         """Ids of the conversation plus the generation prompt, fitted to the context (see
-        fit_to_context)."""
+        fit_to_context; without `trim` a prompt that does not fit raises PromptTooLong)."""
         return fit_to_context(messages, lambda m: self.tokenizer.render_chat(m, add_generation_prompt=True)[0],
-                              self.model.config.max_seq_len, self.max_new_tokens)
+                              self.model.config.max_seq_len, self.max_new_tokens, trim=trim,
+                              max_token_chars=max(self.tokenizer.token_bytes()))
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
         """Yield the answer's text piece by piece as tokens are generated."""
@@ -82,37 +108,124 @@ class Chat:
     def answer(self, messages: list[dict]) -> str:
         return "".join(self.stream(messages))
 
-    def answer_batch(self, conversations: list[list[dict]]) -> list[str]:
+    def answer_batch(self, conversations: list[list[dict]], max_batch: int | None = None,
+                     progress: Callable[[int], None] | None = None) -> list[str]:
+        """Answers to many conversations, decoded together by the continuous-batching engine
+        (inference/engine.py) in up to `max_batch` rows at once. Each answer samples with its own
+        generator, seeded from this chat's, so a seeded batch gives the same answers every run;
+        greedy answers equal what answer() gives one by one (see the engine on exactness).
+        `progress(n)` is called as the n-th answer is done."""
         prompts = batch_prompts(self, conversations)
-        outputs = self.model.generate_batch(prompts, self.max_new_tokens, stop_ids=self.stop_ids,
-                                            pad_id=self.tokenizer.pad_id, generator=self.generator,
-                                            **self.sampling)
-        return [self.tokenizer.decode([t for t in out if t not in self.stop_ids]) for out in outputs]
+        engine = Engine(self.model, self.tokenizer, max_batch=min(max_batch or len(prompts), len(prompts)))
+        device, done = self.model.embed_tokens.weight.device, []
+
+        def count_done(kind: str, data: dict) -> None:
+            if kind == "done" and progress is not None:
+                done.append(data)
+                progress(len(done))
+
+        requests = [Request(ids, self.max_new_tokens, torch.Generator(device).manual_seed(self.row_seed()),
+                            stop_ids=self.stop_ids, emit=count_done, **self.sampling) for ids in prompts]
+        engine.run(requests)
+        return [self.tokenizer.decode([t for t in r.output_ids if t not in self.stop_ids]) for r in requests]
+
+    def row_seed(self) -> int:
+        """A seed for one row of a batch, drawn from this chat's generator (so --seed fixes them all)."""
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+
+
+class PromptTooLong(ValueError):
+    """A prompt that does not fit the context with room for the answer. `tokens` is its size
+    (a lower bound, counted from its characters, when `exact` is False)."""
+
+    def __init__(self, tokens: int, room: int, context: int, exact: bool = True, what: str = "the prompt"):
+        self.tokens, self.room, self.context, self.exact = tokens, room, context, exact
+        super().__init__(f"{what} is {'' if exact else 'at least '}{tokens} tokens, but the model's {context}-token "
+                         f"context leaves {room} for the prompt (the rest is kept for the answer); shorten the "
+                         "messages or ask for fewer new tokens")
 
 
 def fit_to_context(messages: list[dict], render: Callable[[list[dict]], list[int]], context: int,
-                   max_new_tokens: int) -> tuple[list[int], str | None]:
+                   max_new_tokens: int, *, trim: bool = True,
+                   max_token_chars: int | None = None) -> tuple[list[int], str | None]:
     """Ids of the conversation plus the generation prompt (`render` makes them), fitted to the
-    context with room to answer: the oldest non-system turns go first; a single message that is
-    still too long keeps its end. Returns the ids and a note saying what was dropped (None if
-    nothing). Shared with inference/hf.py, so both programs trim a history alike."""
+    context with room to answer. Returns the ids and a note saying what was dropped (None if
+    nothing); shared with inference/hf.py and the server, so all of them trim a history alike.
+
+    Without `trim`, a prompt that does not fit raises PromptTooLong. With it, the oldest
+    non-system turns go first, then the start of the last turn's text; the system message and
+    the template's markers are never cut (PromptTooLong if they alone do not fit).
+
+    The work is linear in the request: one render when the prompt fits, else a binary search
+    over how many turns to drop (each probe renders only what would be kept). `max_token_chars`
+    (the most characters one token can stand for) makes it bounded by the context instead:
+    turns that cannot fit by their character count alone are dropped (or refused) before
+    anything is tokenized."""
     validate_messages(messages)
     room = context - min(max_new_tokens, context // 2)
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system):]
-    dropped = 0
-    while True:
-        ids = render(system + turns)
-        if len(ids) <= room or len(turns) <= 1:
-            break
-        turns = turns[1:]
-        dropped += 1
-    note = f"dropped the {dropped} oldest message(s) to fit the {context}-token context" if dropped else None
-    if len(ids) > room:
-        ids = ids[-room:]
-        note = (f"the prompt is longer than the {context}-token context; "
-                f"kept its last {room} tokens")
+    first, cut = 0, 0  # turns[:first] are dropped, and the first `cut` characters of the turn after them
+    too_many_chars = False
+    if max_token_chars:
+        budget = room * max_token_chars  # a prompt of more characters cannot fit in `room` tokens
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > budget and (not trim or not turns):
+            raise PromptTooLong(-(-chars // max_token_chars), room, context, exact=False)
+        while first < len(turns) - 1 and chars > budget:
+            chars -= len(turns[first]["content"])
+            first += 1
+        too_many_chars = chars > budget
+    ids = [] if too_many_chars else render(system + turns[first:])
+    if len(ids) > room and (not trim or not turns):
+        raise PromptTooLong(len(ids), room, context)
+    if too_many_chars or len(ids) > room:
+        last = [] if too_many_chars else render(system + turns[-1:])
+        if last and len(last) <= room:  # drop whole turns: the fewest that make it fit
+            unfit, fit = first, len(turns) - 1
+            ids = last
+            while fit - unfit > 1:
+                middle = (unfit + fit) // 2
+                probe = render(system + turns[middle:])
+                if len(probe) <= room:
+                    fit, ids = middle, probe
+                else:
+                    unfit = middle
+            first = fit
+        else:  # the last turn alone is too long: it keeps its end
+            first = len(turns) - 1
+            cut, ids = _keep_end(system, turns[-1], render, room, context, max_token_chars)
+    note = None
+    if first or cut:
+        dropped = [f"the {first} oldest message(s)"] if first else []
+        dropped += [f"the first {cut} characters of the last message"] if cut else []
+        note = f"dropped {' and '.join(dropped)} to fit the {context}-token context"
     return ids, note
+
+
+def _keep_end(system: list[dict], message: dict, render: Callable[[list[dict]], list[int]], room: int,
+              context: int, max_token_chars: int | None) -> tuple[int, list[int]]:
+    """How many leading characters of `message`'s text to cut so that it fits after the system
+    message, and the ids then; a binary search over the cut, each probe one render."""
+    content = message["content"]
+
+    def rendered(cut: int) -> list[int]:
+        return render(system + [{**message, "content": content[cut:]}])
+
+    fit, ids = len(content), rendered(len(content))
+    if len(ids) > room:
+        raise PromptTooLong(len(ids), room, context, what="the system message with the template's markers")
+    unfit = -1
+    if max_token_chars:  # fewer characters than this cannot be cut and fit
+        unfit = max(-1, len(content) - room * max_token_chars - 1)
+    while fit - unfit > 1:
+        middle = (unfit + fit) // 2
+        probe = rendered(middle)
+        if len(probe) <= room:
+            fit, ids = middle, probe
+        else:
+            unfit = middle
+    return fit, ids
 
 
 def batch_prompts(chat, conversations: list[list[dict]]) -> list[list[int]]:
@@ -124,27 +237,6 @@ def batch_prompts(chat, conversations: list[list[dict]]) -> list[list[int]]:
             print(f"[note: {note}]", file=sys.stderr)
         prompts.append(ids)
     return prompts
-
-
-class StreamDecoder:
-    """Turns token ids into text as they arrive. A byte-level token may end inside a
-    multi-byte character; such text is held back until the character is complete."""
-
-    def __init__(self, tokenizer: EtudeTokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
 
 
 def resolve_model_folder(requested: str | None) -> Path:
@@ -220,13 +312,15 @@ def read_batch_input(path: Path, system: str | None) -> list[tuple[dict, list[di
 def run_batch(chat: Chat, args: argparse.Namespace) -> None:
     items = read_batch_input(Path(args.input), args.system)
     output = Path(args.output) if args.output else None
-    lines = []
-    for start in range(0, len(items), args.batch_size):
-        chunk = items[start:start + args.batch_size]
-        answers = chat.answer_batch([messages for _, messages in chunk])
-        lines.extend(json.dumps({**record, "answer": answer}, ensure_ascii=False)
-                     for (record, _), answer in zip(chunk, answers))
-        print(f"answered {min(start + args.batch_size, len(items))}/{len(items)}", file=sys.stderr)
+    every, shown = max(1, len(items) // 10), [0]
+
+    def progress(count: int) -> None:
+        if count - shown[0] >= every or count == len(items):
+            shown[0] = count
+            print(f"answered {count}/{len(items)}", file=sys.stderr)
+
+    answers = chat.answer_batch([messages for _, messages in items], args.batch_size, progress)
+    lines = [json.dumps({**record, "answer": answer}, ensure_ascii=False) for (record, _), answer in zip(items, answers)]
     text = "".join(line + "\n" for line in lines)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -253,17 +347,24 @@ def interactive(chat: Chat, system: str | None) -> None:
         text = line.strip()
         if not text:
             continue
-        if text in ("/quit", "/exit"):
-            return
-        if text == "/reset":
-            history = history[:1] if history and history[0]["role"] == "system" else []
-            print("(conversation reset)")
+        command = COMMAND.fullmatch(text)
+        if command:
+            name, argument = command.group(1).lower(), (command.group(2) or "").strip()
+            if name in ("quit", "exit"):
+                return
+            if name == "reset":
+                history = history[:1] if history and history[0]["role"] == "system" else []
+                print("(conversation reset)")
+            elif name == "system":
+                system = argument or None
+                history = [{"role": "system", "content": system}] if system else []
+                print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)")
+            else:
+                print(f"(unknown command /{command.group(1)}: {COMMANDS}; "
+                      "to send a message that starts with /, type it as //...)")
             continue
-        if text.startswith("/system"):
-            system = text[len("/system"):].strip() or None
-            history = [{"role": "system", "content": system}] if system else []
-            print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)")
-            continue
+        if text.startswith("//"):
+            line = line.replace("/", "", 1)
         history.append({"role": "user", "content": line})
         print("etude> ", end="", flush=True)
         pieces = []
@@ -273,6 +374,10 @@ def interactive(chat: Chat, system: str | None) -> None:
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             print(" [stopped]", end="")
+        except PromptTooLong as exc:  # only when the system message alone does not fit
+            print(f"\n(not answered: {exc}; shorten it with /system)")
+            history.pop()
+            continue
         print()
         history.append({"role": "assistant", "content": "".join(pieces)})
 
@@ -290,7 +395,8 @@ def build_parser(description: str = __doc__,
     add("--prompt", help="answer this one message and exit")
     add("--input", help="JSONL of prompts to answer in batches")
     add("--output", help="where batch answers go (default: standard output)")
-    add("--batch-size", type=int, default=8, help="prompts per batch with --input (default 8)")
+    add("--batch-size", type=int, default=8,
+        help="with --input: answers decoded together by the continuous-batching engine (default 8)")
     add("--system", help="system prompt")
     add("--temperature", type=float, default=0.7, help="0 for greedy decoding (default 0.7)")
     add("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 for all (default 40)")
@@ -322,6 +428,10 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
             return 2
     if args.batch_size <= 0 or args.max_new_tokens <= 0:
         print("error: --batch-size and --max-new-tokens must be positive", file=sys.stderr)
+        return 2
+    problems = sampling_problems(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
         return 2
     try:
         chat = make_chat(args)

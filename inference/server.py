@@ -2,27 +2,45 @@
 
     python inference/server.py                                    # weight/etude_sft_model on 127.0.0.1:8000
     python inference/server.py --model weight/etude_sft_model --lora identity --port 8080
+    ETUDE_API_KEY=secret python inference/server.py --host 0.0.0.0  # on a network: with a key
     # then open http://127.0.0.1:8000/ in a browser, or use any OpenAI client:
     #   OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(...)
 
 Endpoints: POST /v1/chat/completions (JSON, or server-sent events with "stream": true), GET /v1/models,
-GET /health, and the chat page at /. Binds 127.0.0.1 unless --host says otherwise; there is no
-authentication, so do not expose it to a network you do not trust.
+GET /health, and the chat page at /. Binds 127.0.0.1 unless --host says otherwise, and then
+answers only requests addressed to this machine by name (Host header; DNS rebinding).
+
+Who gets in: with --api-key, --api-key-file or $ETUDE_API_KEY every /v1 route wants
+"Authorization: Bearer KEY" (401 otherwise; the chat page asks for the key). Bodies must be
+Content-Type: application/json (415 otherwise), so no web page can post to the server with a plain
+form. CORS is off; --allowed-origins opens it to the pages named.
 
 Requests: messages (roles system, developer (= system), user, assistant; text content), model
-(optional; another name than the served one is a 404 model_not_found), temperature [0, 2],
-top_p (0, 1], max_tokens / max_completion_tokens >= 1, stop (a string or up to 4), seed (same
-seed, same text), n = 1 only, stream, stream_options.include_usage; and, as vLLM accepts them,
-top_k, repetition_penalty and ignore_eos. Omitted sampling values take the server's flags.
-Anything invalid or unsupported is a 400 with an OpenAI-style {"error": {...}} body.
+(optional; another name than the served one is a 404 model_not_found), temperature 0 or
+[1e-5, 2], top_p [1e-6, 1], max_tokens / max_completion_tokens >= 1, stop (a string or up to 4),
+seed (same seed, same text), n = 1 only, stream, stream_options.include_usage; as vLLM accepts
+them, top_k, repetition_penalty [0.01, 10] and ignore_eos; and truncation ("auto" or "disabled",
+as OpenAI's Responses API names it). Omitted values take the server's flags. Anything invalid or
+unsupported is a 4xx with an OpenAI-style {"error": {...}} body: 400, 404 (model), 408 (headers or
+body too slow), 413 (body too large), 415, 429 (queue full), never a 500.
 
-A history longer than the context loses its oldest turns (a single over-long message keeps its
-end), exactly as inference/inference.py trims it; the response then carries an X-Etude-Note header.
-completion_tokens counts every token the model produced, the closing <|im_end|> included.
+A prompt longer than the context is a 400 context_length_exceeded naming the sizes, unless
+truncation is "auto" (--truncation auto, or per request; the chat page asks for it): then the
+oldest turns are dropped, then the start of the last message, never the system message nor the
+template's markers, exactly as inference/inference.py trims; the response carries an X-Etude-Note
+header saying what was dropped. completion_tokens counts every token the model produced, the
+closing <|im_end|> included.
 
-One worker thread runs the model, one request at a time in arrival order; at most --max-queue
-requests wait behind it and any more get 429 at once. A client that disconnects (or presses stop
-on the page) cancels its request: the worker drops it between two tokens, or before it starts.
+A request is checked in this order, each check cheap before the next: headers (within
+--header-timeout), size (--max-body-bytes, within --body-timeout), room in the queue (--max-queue;
+429 at once). Then, in a worker thread so that the server keeps answering meanwhile: JSON, message
+count (--max-messages) and characters (--max-chars), and only then tokenizing. The
+continuous-batching engine (inference/engine.py) then decodes up to --max-batch requests together,
+one token each per step, taking waiting requests in arrival order as slots free up; a seeded
+request gives the same text whatever else is running. Its KV cache (--max-batch slots of the
+whole context) is allocated at start-up, its size printed, and a setting that does not fit in
+memory is refused. A client that disconnects (or presses stop on the page) cancels its request:
+the engine drops it at its next step, or before it starts.
 """
 
 from __future__ import annotations
@@ -30,14 +48,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
-import queue
 import secrets
 import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,193 +68,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from config import PRETRAINED_DIR, SFT_DIR
-from inference.inference import Chat, StreamDecoder, build_chat, resolve_model_folder
-from model.tokenizer import CHAT_ROLES
+from inference.chat_request import (TRUNCATION, Limits, RequestError, Settings, decode_json, error_body,
+                                    parse_request, prepare_prompt)
+from inference.http_guard import API_KEY_ENV, ErrorResponse, Guard, header_timeout_protocol, is_loopback, read_body, \
+    refusal, resolve_api_key
+from inference.engine import Engine, Request as Generation, cache_bytes
+from inference.inference import Chat, build_chat, resolve_model_folder, sampling_problems
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-MAX_STOP_STRINGS = 4
-# Request fields accepted and ignored (bookkeeping that does not change the answer).
-IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 
 
-class RequestError(ValueError):
-    """A request the server refuses; becomes an OpenAI-style error body."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None,
-                 status: int = 400, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.param, self.code, self.status, self.kind = message, param, code, status, kind
-
-
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-# ---- request parsing -------------------------------------------------------------------------
-
-def _number(body: dict, name: str, low: float, high: float, *, low_open: bool = False) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"{name} must be a number, got {json.dumps(value)}", name, "invalid_type")
-    if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise RequestError(f"{name} must be in {interval}, got {value}", name, "invalid_value")
-    return float(value)
-
-
-def _integer(body: dict, name: str, low: int, high: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"{name} must be an integer, got {json.dumps(value)}", name, "invalid_type")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise RequestError(f"{name} must be {bound}, got {value}", name, "invalid_value")
-    return value
-
-
-def _text_content(content: Any, where: str) -> str:
-    """OpenAI content is a string or a list of parts; only text parts mean anything here."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise RequestError(f"{where}.content must be a string or a list of text parts "
-                       '({"type": "text", "text": "..."}); this model reads text only', where + ".content")
-
-
-def parse_messages(messages: Any) -> list[dict]:
-    """The request's messages as {"role", "content"} dicts with our roles (developer -> system)."""
-    if messages is None:
-        raise RequestError('missing "messages": give a list of {"role": ..., "content": ...} objects',
-                           "messages", "missing_required_parameter")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError('"messages" must be a non-empty list of {"role": ..., "content": ...} objects',
-                           "messages", "invalid_value")
-    parsed = []
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise RequestError(f"{where} must be an object with role and content", where)
-        role = "system" if message.get("role") == "developer" else message.get("role")
-        if role not in CHAT_ROLES:
-            raise RequestError(f"{where}.role {json.dumps(message.get('role'))} is not one of system, developer, "
-                               "user, assistant (tool and function messages are not supported)", where + ".role")
-        parsed.append({"role": role, "content": _text_content(message.get("content"), where)})
-    return parsed
-
-
-@dataclass
-class Settings:
-    """What one request asks for, validated; None means the server's default."""
-
-    messages: list[dict]
-    stream: bool = False
-    include_usage: bool = False
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    max_tokens: int | None = None
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False
-
-
-def _boolean(body: dict, name: str) -> bool:
-    value = body.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise RequestError(f"{name} must be true or false, got {json.dumps(value)}", name, "invalid_type")
-    return value
-
-
-def parse_request(body: Any, model_name: str) -> Settings:
-    """Validate a /v1/chat/completions body; raises RequestError naming the faulty field."""
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    known = {"messages", "model", "stream", "stream_options", "temperature", "top_p", "top_k",
-             "repetition_penalty", "max_tokens", "max_completion_tokens", "stop", "seed", "n",
-             "ignore_eos", "frequency_penalty", "presence_penalty", "logprobs"} | IGNORED_FIELDS
-    unknown = sorted(k for k in body if k not in known and body[k] is not None)
-    if unknown:
-        raise RequestError(f"unsupported parameter(s): {', '.join(unknown)}. Supported: {', '.join(sorted(known))}",
-                           unknown[0], "unsupported_parameter")
-    model = body.get("model")
-    if model is not None and model != model_name:
-        raise RequestError(f"the model {json.dumps(model)} does not exist here; this server serves "
-                           f"{json.dumps(model_name)} (see GET /v1/models)", "model", "model_not_found", status=404)
-    for name in ("frequency_penalty", "presence_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise RequestError(f"{name} is not supported (only 0); use repetition_penalty instead", name,
-                               "unsupported_parameter")
-    if body.get("logprobs") not in (None, False):
-        raise RequestError("logprobs are not supported", "logprobs", "unsupported_parameter")
-    if _integer(body, "n", 1) not in (None, 1):
-        raise RequestError(f"n must be 1 (one answer per request), got {body['n']}", "n", "invalid_value")
-    settings = Settings(messages=parse_messages(body.get("messages")))
-    settings.stream = _boolean(body, "stream")
-    options = body.get("stream_options")
-    if options is not None:
-        if not settings.stream:
-            raise RequestError("stream_options is only allowed with stream: true", "stream_options")
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise RequestError('stream_options must be {"include_usage": true|false}', "stream_options")
-        settings.include_usage = _boolean(options, "include_usage")
-    settings.temperature = _number(body, "temperature", 0, 2)
-    settings.top_p = _number(body, "top_p", 0, 1, low_open=True)
-    settings.top_k = _integer(body, "top_k", 0)
-    settings.repetition_penalty = _number(body, "repetition_penalty", 0, 10, low_open=True)
-    limit = _integer(body, "max_completion_tokens", 1)
-    settings.max_tokens = limit if limit is not None else _integer(body, "max_tokens", 1)
-    settings.seed = _integer(body, "seed", -2**63, 2**64 - 1)
-    settings.ignore_eos = _boolean(body, "ignore_eos")
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop
-    if stops is not None:
-        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) \
-                or len(stops) > MAX_STOP_STRINGS:
-            raise RequestError(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} "
-                               "non-empty strings", "stop", "invalid_value")
-        settings.stop = stops
-    return settings
-
-
-# ---- stop strings --------------------------------------------------------------------------
-
-class StopMatcher:
-    """Cuts streamed text at the first stop string. Text that could be the start of a stop
-    string is held back until the next piece tells, so a stop string is never half-sent."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.pending = stops, ""
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """The text that is safe to send now, and whether a stop string was reached."""
-        text = self.pending + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return text[:min(hits)], True
-        keep = max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
-                    if text.endswith(s[:n])), default=0)
-        self.pending = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
-
-
-# ---- the worker ----------------------------------------------------------------------------
+# ---- the waiting line in front of the engine -----------------------------------------------
 
 class Overloaded(Exception):
     pass
@@ -261,84 +105,61 @@ class Job:
             self.cancelled.set()
 
 
-class Engine:
-    """Runs jobs on one worker thread, first come first served, with a bounded waiting line."""
+class Admission:
+    """The server's side of the continuous-batching engine: a bounded line (max_batch generating,
+    max_queue more waiting) and the outcome counts. A request takes its place (reserve) before its
+    prompt is prepared, so that a full line refuses it before any tokenizing; it then either
+    submits its job or gives the place back."""
 
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
+    def __init__(self, engine: Engine, max_queue: int):
+        self.engine, self.max_queue = engine, max_queue
         self.lock = threading.Lock()
-        self.waiting = 0
-        self.running = 0
+        self.preparing = 0  # places reserved by requests whose prompt is being prepared
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0, "generated_tokens": 0}
-        self.thread = threading.Thread(target=self._work, name="etude-generation", daemon=True)
-        self.thread.start()
+        engine.start()
+
+    def reserve(self) -> None:
+        """A place in the line, or Overloaded when there is none."""
+        with self.lock:
+            line = self.engine.status()
+            if self.preparing + line["waiting"] + line["active"] >= self.engine.max_batch + self.max_queue:
+                self.counts["rejected"] += 1
+                raise Overloaded(f"the server is busy: {line['active']} request(s) generating and "
+                                 f"{line['waiting'] + self.preparing} waiting (--max-batch {self.engine.max_batch}, "
+                                 f"--max-queue {self.max_queue}); retry shortly")
+            self.preparing += 1
+
+    def release(self) -> None:
+        """Give back a reserved place whose request was refused while its prompt was prepared."""
+        with self.lock:
+            self.preparing -= 1
 
     def submit(self, job: Job) -> None:
+        """Hand the job of a reserved place to the engine."""
+        chat = job.chat
+
+        def emit(kind: str, data: Any) -> None:
+            if kind in ("done", "error", "cancelled"):
+                outcome = {"done": "completed", "error": "failed", "cancelled": "cancelled"}[kind]
+                with self.lock:
+                    self.counts[outcome] += 1
+                    self.counts["generated_tokens"] += len(request.output_ids)
+            job.emit(kind, data)
+
+        request = Generation(job.prompt_ids, chat.max_new_tokens, chat.generator, stop_ids=chat.stop_ids,
+                             stop=job.stop, emit=emit, cancelled=job.cancelled, **chat.sampling)
         with self.lock:
-            if self.waiting + self.running > self.max_queue:
-                self.counts["rejected"] += 1
-                raise Overloaded(f"the server is busy: {self.running} request generating and {self.waiting} "
-                                 f"waiting (--max-queue {self.max_queue}); retry shortly")
-            self.waiting += 1
-        self.jobs.put(job)
+            self.preparing -= 1
+            self.engine.submit(request)
 
     def status(self) -> dict:
         with self.lock:
-            return {"running": self.running, "waiting": self.waiting, "max_queue": self.max_queue, **self.counts}
+            line = self.engine.status()
+            return {"active": line["active"], "running": line["active"], "waiting": line["waiting"] + self.preparing,
+                    "max_batch": self.engine.max_batch, "max_queue": self.max_queue, **self.counts}
 
     def close(self) -> None:
-        self.jobs.put(None)
-
-    def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            with self.lock:
-                self.waiting -= 1
-                self.running = 1
-            outcome = "cancelled"
-            try:
-                if not job.cancelled.is_set():
-                    outcome = self._generate(job)
-            except Exception as exc:  # report it to the client; the worker must live on
-                outcome = "failed"
-                job.emit("error", f"generation failed: {type(exc).__name__}: {exc}")
-            with self.lock:
-                self.running = 0
-                self.counts[outcome] += 1
-
-    def _generate(self, job: Job) -> str:
-        chat = job.chat
-        decoder, matcher = StreamDecoder(chat.tokenizer), StopMatcher(job.stop)
-        produced, finish, cut = 0, "length", False
-        tokens = chat.model.generate(job.prompt_ids, chat.max_new_tokens, stop_ids=chat.stop_ids,
-                                     generator=chat.generator, **chat.sampling)
-        try:
-            for token in tokens:
-                produced += 1
-                with self.lock:
-                    self.counts["generated_tokens"] += 1
-                if job.cancelled.is_set():
-                    return "cancelled"
-                if token in chat.stop_ids:
-                    finish = "stop"
-                    break
-                text, cut = matcher.push(decoder.push(token))
-                if text:
-                    job.emit("delta", text)
-                if cut:
-                    finish = "stop"
-                    break
-        finally:
-            tokens.close()
-        if not cut:  # the decoder's held-back bytes and the matcher's held-back text
-            text, cut = matcher.push(decoder.flush())
-            finish = "stop" if cut else finish
-            text += "" if cut else matcher.flush()
-            if text:
-                job.emit("delta", text)
-        job.emit("done", {"finish_reason": finish, "prompt_tokens": len(job.prompt_ids),
-                          "completion_tokens": produced})
-        return "completed"
+        self.engine.close()
 
 
 # ---- the HTTP app --------------------------------------------------------------------------
@@ -359,29 +180,44 @@ def request_chat(base: Chat, settings: Settings) -> Chat:
     return chat
 
 
-def create_app(base: Chat, model_name: str, max_queue: int = 16) -> FastAPI:
-    """The FastAPI app serving `base` (its model, tokenizer and default sampling) as `model_name`."""
-    engine = Engine(max_queue)
+def create_app(base: Chat, model_name: str, max_queue: int = 16, limits: Limits = Limits(),
+               api_key: str | None = None, check_host: bool = False, allowed_origins: tuple[str, ...] = (),
+               truncation: str = "disabled", max_batch: int = 8) -> FastAPI:
+    """The FastAPI app serving `base` (its model, tokenizer and default sampling) as `model_name`,
+    decoding up to `max_batch` requests together. `check_host` (for a server bound to loopback)
+    refuses a Host header that names another machine; `truncation` is what a request that does not
+    say gets for a prompt longer than the context. Raises ValueError when the KV cache of
+    `max_batch` slots would not fit in memory."""
+    engine = Admission(Engine(base.model, base.tokenizer, max_batch), max_queue)
+    # One thread prepares prompts (tokenizing), so that the event loop keeps answering meanwhile
+    # and admitted requests reach the engine in the order they came.
+    preparing = ThreadPoolExecutor(1, thread_name_prefix="etude-prompt")
     created = int(time.time())
 
     async def lifespan(app):
         yield
         engine.close()
+        preparing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="Etude LLM", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
-
-    def refuse(exc: RequestError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status)
+    app.add_middleware(Guard, api_key=api_key, check_host=check_host)
+    if allowed_origins:  # outermost: answers preflights, and adds its headers to the Guard's refusals too
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Etude-Note"])
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        message = (f"no route {request.method} {request.url.path}; this server has POST /v1/chat/completions, "
+        message = (f"no route {request.method} {request.url.path[:100]}; this server has POST /v1/chat/completions, "
                    "GET /v1/models, GET /health and the chat page at /") if exc.status_code in (404, 405) \
             else str(exc.detail)
-        return JSONResponse(error_body(message, kind, None, str(exc.status_code)), status_code=exc.status_code)
+        return ErrorResponse(error_body(message, kind, None, str(exc.status_code)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:  # a bug of ours: still JSON
+        return ErrorResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
     @app.get("/")
     async def page() -> FileResponse:
@@ -397,26 +233,33 @@ def create_app(base: Chat, model_name: str, max_queue: int = 16) -> FastAPI:
                                             "owned_by": "etude",
                                             "max_model_len": base.model.config.max_seq_len}]}
 
+    def prepare(raw: bytes) -> tuple[Settings, Chat, list[int], str | None]:
+        """From body bytes to prompt ids: parsing, then tokenizing (both in the preparing thread)."""
+        settings = parse_request(decode_json(raw), model_name, limits)
+        chat = request_chat(base, settings)
+        return settings, chat, *prepare_prompt(chat, settings, truncation)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return refuse(RequestError(f"the request body is not valid JSON ({exc})", code="invalid_json"))
-        try:
-            settings = parse_request(body, model_name)
-            chat = request_chat(base, settings)
-            ids, note = chat.prompt_ids(settings.messages)
-        except RequestError as exc:
-            return refuse(exc)
-        except ValueError as exc:  # what validate_messages and the prompt fitting refuse
-            return refuse(RequestError(str(exc), "messages"))
-        job = Job(chat, ids, settings.stop, asyncio.get_running_loop())
-        try:
-            engine.submit(job)
+            raw = await read_body(request, limits)
+        except RequestError as exc:  # a client that is too big or too slow does not keep the connection
+            return refusal(exc, {"Connection": "close"} if exc.status in (408, 413) else None)
+        try:  # before any parsing, so that an overloaded server refuses at once
+            engine.reserve()
         except Overloaded as exc:
             return JSONResponse(error_body(str(exc), "rate_limit_exceeded", None, "server_busy"),
                                 status_code=429, headers={"Retry-After": "1"})
+        try:
+            settings, chat, ids, note = await asyncio.get_running_loop().run_in_executor(preparing, prepare, raw)
+        except RequestError as exc:
+            engine.release()
+            return refusal(exc)
+        except BaseException:  # cancelled (the client left) or a bug: the place goes back either way
+            engine.release()
+            raise
+        job = Job(chat, ids, settings.stop, asyncio.get_running_loop())
+        engine.submit(job)
         headers = {"X-Etude-Note": note} if note else {}
         reply_id, stamp = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if settings.stream:
@@ -489,19 +332,41 @@ async def sse_events(job: Job, reply_id: str, stamp: int, model_name: str,
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
+    limits = Limits()
     add("--model", help=f"model folder (default {SFT_DIR}, else {PRETRAINED_DIR})")
     add("--lora", metavar="NAME", help="apply a LoRA adapter: a name under weight/lora/ or an adapter folder")
     add("--model-name", help="the model id clients use (default: the folder's name, +NAME with --lora)")
     add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     add("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    add("--max-batch", type=int, default=8,
+        help="requests decoded together (KV-cache slots, allocated at start-up; default 8)")
     add("--max-queue", type=int, default=16,
-        help="requests that may wait while one generates; more get 429 at once (default 16)")
+        help="requests that may wait while --max-batch generate; more get 429 at once (default 16)")
     add("--threads", type=int, help="torch CPU threads for generation (default: torch's choice)")
     add("--temperature", type=float, default=0.7, help="default when a request gives none; 0 is greedy (0.7)")
     add("--top-p", type=float, default=0.9, help="default nucleus sampling mass (0.9)")
     add("--top-k", type=int, default=40, help="default: sample among the k most likely tokens; 0 for all (40)")
     add("--repetition-penalty", type=float, default=1.1, help="default; > 1 discourages repeats (1.1)")
     add("--max-new-tokens", type=int, default=256, help="default longest answer in tokens (256)")
+    add("--truncation", choices=TRUNCATION, default="disabled",
+        help="a prompt longer than the context: disabled = 400 context_length_exceeded (default), auto = drop "
+             "the oldest turns (never the system message); a request's own \"truncation\" field wins")
+    add("--api-key", help=f"require this key (Authorization: Bearer KEY) on every /v1 route; also --api-key-file "
+        f"or ${API_KEY_ENV}, which keep it out of the process list")
+    add("--api-key-file", help="read the API key from the first line of this file")
+    add("--allowed-origins", default="",
+        help="comma-separated web origins (e.g. https://app.example.com) whose pages may call the API "
+             "(CORS); * for any. Default: none (CORS off)")
+    add("--max-body-bytes", type=int, default=limits.max_body_bytes,
+        help=f"largest request body; larger ones get 413 unread (default {limits.max_body_bytes})")
+    add("--max-messages", type=int, default=limits.max_messages,
+        help=f"most messages in one request (default {limits.max_messages})")
+    add("--max-chars", type=int, default=limits.max_chars,
+        help=f"most characters in one request's messages (default {limits.max_chars})")
+    add("--header-timeout", type=float, default=limits.header_timeout,
+        help=f"seconds a client may take to send a request's headers (default {limits.header_timeout:g})")
+    add("--body-timeout", type=float, default=limits.body_timeout,
+        help=f"seconds a client may take to send a request's body (default {limits.body_timeout:g})")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     add("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
         help="auto: bf16 on CUDA, fp32 on CPU")
@@ -514,22 +379,28 @@ def check_args(args: argparse.Namespace) -> list[str]:
     problems = []
     if not 0 <= args.port <= 65535:
         problems.append(f"--port must be in 0..65535, got {args.port}")
+    if args.max_batch < 1:
+        problems.append(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.max_queue < 0:
         problems.append(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.threads is not None and args.threads < 1:
         problems.append(f"--threads must be >= 1, got {args.threads}")
-    if not 0 <= args.temperature <= 2:
-        problems.append(f"--temperature must be in [0, 2], got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0 or args.repetition_penalty <= 0 or args.max_new_tokens < 1:
-        problems.append("--top-k must be >= 0, --repetition-penalty > 0 and --max-new-tokens >= 1")
+    problems += sampling_problems(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    for flag in ("max_body_bytes", "max_messages", "max_chars", "header_timeout", "body_timeout"):
+        if not getattr(args, flag) > 0:
+            problems.append(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     problems = check_args(args)
+    try:
+        api_key = resolve_api_key(args.api_key, args.api_key_file)
+    except ValueError as exc:
+        problems.append(str(exc))
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return 2
@@ -544,10 +415,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     name = args.model_name or folder.name + (f"+{Path(args.lora).name}" if args.lora else "")
-    app = create_app(base, name, args.max_queue)
+    limits = Limits(args.max_body_bytes, args.max_messages, args.max_chars, args.header_timeout, args.body_timeout)
+    loopback = is_loopback(args.host)
+    origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
+    model = base.model
+    print(f"KV cache: {args.max_batch} slots x {model.config.max_seq_len} positions, "
+          f"{cache_bytes(model, args.max_batch, model.config.max_seq_len) / 2**20:,.1f} MiB "
+          f"({model.embed_tokens.weight.dtype}, {model.embed_tokens.weight.device})", file=sys.stderr, flush=True)
+    try:
+        app = create_app(base, name, args.max_queue, limits, api_key=api_key, check_host=loopback,
+                         allowed_origins=origins, truncation=args.truncation, max_batch=args.max_batch)
+    except ValueError as exc:  # the KV cache does not fit
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not loopback and api_key is None:
+        print(f"warning: binding {args.host} without an API key: anyone who can reach this port can use the "
+              f"model. Set one with --api-key-file FILE or ${API_KEY_ENV}.", file=sys.stderr, flush=True)
     print(f"serving {folder} as {name!r} ({base.model.num_parameters() / 1e6:.1f}M parameters) on "
-          f"http://{args.host}:{args.port}/ (chat page at /, API at /v1)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+          f"http://{args.host}:{args.port}/ (chat page at /, API at /v1"
+          f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            http=header_timeout_protocol(args.header_timeout))
+    uvicorn.Server(config).run()
     return 0
 
 

@@ -415,44 +415,25 @@ class EtudeModel(nn.Module):
     # ---- forward -------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None,
                 last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """input_ids (B, T) -> logits (B, T, V) (or (B, 1, V) with last_only).
 
         labels (B, T) are the targets of each position (already shifted; IGNORE_INDEX = -100 is
-        not trained). With a kv_cache the new tokens continue the cached positions.
-        attention_mask (B, cached + T), 1 for real tokens and 0 for left padding, lets rows of
-        different lengths share a batch: padding is never attended to and each row's positions
-        count its real tokens only, so a row decodes exactly as it would alone."""
-        batch, length = input_ids.shape
+        not trained). With a kv_cache the new tokens continue the cached positions. (Rows at
+        different positions decode together in inference/engine.py.)"""
+        length = input_ids.shape[1]
         start = kv_cache.length if kv_cache is not None else 0
         if start + length > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + length} tokens exceeds max_seq_len "
                              f"{self.config.max_seq_len}; truncate the input")
-        device = input_ids.device
-        query_pos = torch.arange(start, start + length, device=device)
         attn_mask = None
-        if attention_mask is not None:
-            if attention_mask.shape != (batch, start + length):
-                raise ValueError(f"attention_mask must have shape {(batch, start + length)} "
-                                 f"(cached + new positions), got {tuple(attention_mask.shape)}")
-            real = attention_mask.bool()
-            positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+        if kv_cache is not None and start > 0 and length > 1:
+            # New queries see every cached key and the new keys up to their own position.
+            device = input_ids.device
             key_pos = torch.arange(start + length, device=device)
-            visible = (key_pos[None, :] <= query_pos[:, None])[None] & real[:, None, :]
-            # A padding query sees itself, so its (unused) softmax row is never empty.
-            visible |= (key_pos[None, :] == query_pos[:, None])[None]
-            attn_mask = visible[:, None]
-        else:
-            positions = query_pos
-            if kv_cache is not None and start > 0 and length > 1:
-                # New queries see every cached key and the new keys up to their own position.
-                key_pos = torch.arange(start + length, device=device)
-                attn_mask = key_pos[None, :] <= query_pos[:, None]
-        if attention_mask is None:
-            cos, sin = self.rotary.span(start, length)  # positions = start .. start + length - 1
-        else:
-            cos, sin = self.rotary(positions)
+            attn_mask = key_pos[None, :] <= torch.arange(start, start + length, device=device)[:, None]
+        cos, sin = self.rotary.span(start, length)  # positions = start .. start + length - 1
         x = self.dropout(self.embed_tokens(input_ids))
         for block in self.layers:
             x = block(x, cos, sin, kv_cache, attn_mask)
@@ -606,52 +587,6 @@ class EtudeModel(nn.Module):
             yield token
             if token in stop:
                 return
-
-
-    @torch.inference_mode()
-    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
-                       temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                       repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
-                       generator: torch.Generator | None = None) -> list[list[int]]:
-        """Generate for several prompts at once: left padding plus an attention mask, one KV
-        cache. Each row stops on its own stop id; under greedy decoding a row's answer equals
-        what generate() gives for that prompt alone."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate_batch() needs non-empty prompts")
-        device = self.embed_tokens.weight.device
-        width = max(len(p) for p in prompts)
-        budget = min(max_new_tokens, self.config.max_seq_len - width)
-        rows = len(prompts)
-        if budget <= 0:
-            return [[] for _ in prompts]
-        ids = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros((rows, width + budget), dtype=torch.long, device=device)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), device=device)
-            mask[row, width - len(prompt):width] = 1
-        cache = KVCache(self.config, rows, width + budget, device, self.embed_tokens.weight.dtype)
-        stop = torch.tensor(sorted(set(int(s) for s in stop_ids)) or [-1], device=device)
-        histories = [torch.as_tensor(list(p), device=device) for p in prompts]
-        outputs: list[list[int]] = [[] for _ in prompts]
-        finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        step_input = ids
-        for step in range(budget):
-            visible = mask[:, :width + step]
-            logits, _, _ = self(step_input, kv_cache=cache, attention_mask=visible, last_only=True)
-            next_ids = torch.stack([
-                sample_next(logits[row, -1].float(), histories[row], temperature, top_k, top_p,
-                            repetition_penalty, generator) for row in range(rows)])
-            next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
-            for row in range(rows):
-                if not finished[row]:
-                    outputs[row].append(int(next_ids[row]))
-                    histories[row] = torch.cat((histories[row], next_ids[row].view(1)))
-            mask[:, width + step] = (~finished).long()
-            finished |= torch.isin(next_ids, stop)
-            if bool(finished.all()):
-                break
-            step_input = next_ids.view(rows, 1)
-        return outputs
 
 
 def sample_next(logits: torch.Tensor, history: torch.Tensor, temperature: float, top_k: int | None,

@@ -140,7 +140,9 @@ def test_verify_reports_the_difference(tmp_path, tiny_tokenizer_dir, capsys):
     line = next(line for line in printed.splitlines() if "max abs logit difference" in line)
     assert float(line.split("difference ")[1].split()[0]) <= 1e-5
     assert "apply_chat_template ids == render_chat ids" in printed
-    assert "greedy generation of 32 tokens identical token for token" in printed
+    assert "greedy reply identical token for token in transformers and Etude" in printed
+    reply = next(line for line in printed.splitlines() if "verify:   reply:" in line)
+    assert "<|im_end|>" not in reply  # the reply stops where a chat stops
 
 
 def test_failed_verification_writes_nothing(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):

@@ -885,12 +885,24 @@ def toy_chat(tiny_tokenizer_dir):
 
 
 def test_a_prompt_longer_than_the_context_keeps_its_end(toy_chat):
+    """The start of the over-long message goes; the system message and the template's markers stay."""
     context, room = 64, 64 - 8
-    messages = [{"role": "user", "content": "the cat sat on the mat " * 200 + "END"}]
+    system = {"role": "system", "content": "Be brief."}
+    messages = [system, {"role": "user", "content": "the cat sat on the mat " * 200 + "END"}]
     ids, note = toy_chat.prompt_ids(messages)
-    assert len(ids) == room and note == f"the prompt is longer than the {context}-token context; kept its last {room} tokens"
-    assert ids == toy_chat.tokenizer.render_chat(messages, add_generation_prompt=True)[0][-room:]
+    cut = int(note.split("the first ")[1].split(" characters")[0])
+    assert note == f"dropped the first {cut} characters of the last message to fit the {context}-token context"
+    kept = [system, {"role": "user", "content": messages[1]["content"][cut:]}]
+    assert len(ids) <= room and ids == toy_chat.tokenizer.render_chat(kept, add_generation_prompt=True)[0]
+    assert kept[1]["content"].endswith("END")
+    assert len(toy_chat.tokenizer.render_chat([system, {"role": "user", "content": messages[1]["content"][cut - 1:]}],
+                                              add_generation_prompt=True)[0]) > room  # no more is cut than needed
     assert len(toy_chat.tokenizer.encode(toy_chat.answer(messages))) <= 8  # answers within the context, no crash
+    from inference.inference import PromptTooLong
+    with pytest.raises(PromptTooLong, match="the system message with the template's markers is"):
+        toy_chat.prompt_ids([{"role": "system", "content": "the cat sat " * 40}, messages[1]])
+    with pytest.raises(PromptTooLong, match=f"leaves {room} for the prompt"):
+        toy_chat.prompt_ids(messages, trim=False)
 
 
 @pytest.mark.parametrize("argv,message", [

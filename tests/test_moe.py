@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from config import ConfigError, EtudeConfig, preset_model_config
+from inference.engine import Engine, Request
 from model.checkpoint import load_model_folder, save_model_folder
 from model.lora import apply_lora, merge_and_unload
 from model.model import EtudeModel, KVCache, SparseMoE, load_balancing_loss
@@ -151,7 +152,8 @@ def test_kv_cache_and_batched_generation():
     assert (torch.cat(parts, dim=1) - full).abs().max().item() < 1e-5
     prompts = [[5, 9, 13, 2], [7, 1], [3, 3, 8, 100, 42, 17]]
     alone = [list(model.generate(p, max_new_tokens=8)) for p in prompts]
-    assert model.generate_batch(prompts, max_new_tokens=8) == alone
+    requests = [Request(p, 8) for p in prompts]
+    assert [r.output_ids for r in Engine(model, None, max_batch=2).run(requests)] == alone
     assert list(model.generate(prompts[0], max_new_tokens=8, use_cache=False)) == alone[0]
 
 

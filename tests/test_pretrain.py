@@ -43,7 +43,7 @@ def test_pretraining_learns_and_saves_a_model_folder(corpus, tiny_tokenizer_dir,
     evals = [r for r in records if "val_bpb" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 60
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
-    assert all("tokens_per_sec" in r and "mfu" in r for r in records if "loss" in r)
+    assert all("tokens_per_sec" in r for r in records if "loss" in r)
     umask = os.umask(0)
     os.umask(umask)
     for path in (out, out / "checkpoint", out / "model.safetensors", out / "checkpoint" / "model.safetensors"):
@@ -154,10 +154,12 @@ def test_malformed_jsonl_names_file_and_line(tiny_tokenizer_dir, tmp_path, line,
     assert meta["skipped_lines"] == 1 and meta["n_documents"] == 1
 
 
-def test_missing_data_names_the_command(tiny_tokenizer_dir, tmp_path, capsys):
+def test_missing_data_names_the_path(tiny_tokenizer_dir, tmp_path, capsys):
     code = pretrain_main(["--data", str(tmp_path / "nope.jsonl"), "--tokenizer-dir", str(tiny_tokenizer_dir),
                           "--out-dir", str(tmp_path / "o")])
-    assert code == 2 and "tool/prepare_data.py" in capsys.readouterr().err
+    # The user named the file, so the fix is the path (the demo-data command is for a missing default:
+    # tests/test_first_run.py).
+    assert code == 2 and "nope.jsonl (from --data); check the path" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cwd", [ROOT, ROOT / "train"])

@@ -21,7 +21,8 @@ import torch
 
 from config import ROOT, EtudeConfig
 from inference.inference import Chat
-from inference.server import StopMatcher, main as server_main
+from inference.engine import StopMatcher
+from inference.server import main as server_main
 from model.lora import apply_lora, load_adapter, lora_modules, save_adapter
 from model.checkpoint import load_model_folder, save_model_folder
 from model.model import IGNORE_INDEX, EtudeModel
@@ -117,7 +118,7 @@ def start_server(folder: Path, *flags: str) -> tuple[subprocess.Popen, int]:
 
 @pytest.fixture(scope="module")
 def server(toy_model):
-    process, port = start_server(toy_model["folder"], "--max-queue", "1")
+    process, port = start_server(toy_model["folder"], "--max-batch", "2", "--max-queue", "1")
     url = f"http://127.0.0.1:{port}"
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
     yield {"url": url, "port": port, "client": client, "name": MODEL}
@@ -301,7 +302,8 @@ def test_long_history_loses_its_oldest_turns(server, toy_model):
     chat = greedy(toy_model, 64)
     expected_ids, note = chat.prompt_ids(messages)
     assert note and "dropped" in note
-    raw = server["client"].chat.completions.with_raw_response.create(model=MODEL, messages=messages, temperature=0, max_tokens=64)
+    raw = server["client"].chat.completions.with_raw_response.create(model=MODEL, messages=messages, temperature=0,
+                                                                     max_tokens=64, extra_body={"truncation": "auto"})
     assert "dropped" in raw.headers["x-etude-note"]
     reply = raw.parse()
     assert reply.usage.prompt_tokens == len(expected_ids) <= CONTEXT - 64
@@ -323,27 +325,32 @@ def health(server) -> dict:
     return get_json(server["url"] + "/health")
 
 
-def test_overload_gets_429_and_disconnects_free_the_worker(server):
+def test_overload_gets_429_and_disconnects_free_the_slots(server):
     before = health(server)
-    assert before["running"] == 0 and before["waiting"] == 0
-    generating = open_stream(server, {"messages": CONVERSATIONS[2], **LONG})
-    assert generating.response.readline().startswith(b"data: ")  # it is running
-    waiting = open_stream(server, {"messages": CONVERSATIONS[0], **LONG})  # admitted, queued behind it
-    wait_until(lambda: health(server)["waiting"] == 1, 5, "the second request to queue")
+    assert before["active"] == 0 and before["waiting"] == 0 and before["max_batch"] == 2
+    generating = [open_stream(server, {"messages": CONVERSATIONS[i], **LONG}) for i in (2, 1)]
+    for connection in generating:
+        assert connection.response.readline().startswith(b"data: ")  # both decode together
+    wait_until(lambda: health(server)["active"] == 2, 5, "both requests to decode")
+    waiting = open_stream(server, {"messages": CONVERSATIONS[0], **LONG})  # admitted, waits for a slot
+    wait_until(lambda: health(server)["waiting"] == 1, 5, "the third request to queue")
     started = time.monotonic()
     with pytest.raises(openai.RateLimitError, match="busy"):
         server["client"].chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=5)
     assert time.monotonic() - started < 2, "overload must be refused at once, not after a wait"
     code, reply = post(server["url"] + "/v1/chat/completions", {"messages": CONVERSATIONS[0], "stream": True})
     assert code == 429 and reply["error"]["code"] == "server_busy"
+    generating[0].close()
+    # The first one's slot is free at the engine's next step, and the waiting request takes it.
+    wait_until(lambda: (h := health(server))["active"] == 2 and h["waiting"] == 0, 5,
+               "the waiting request to take the freed slot")
     waiting.close()
-    generating.close()
-    # Both stop early: the running one between two tokens, the queued one before it starts.
-    after = wait_until(lambda: (h := health(server))["running"] == 0 and h["waiting"] == 0 and h, 5,
-                       "the worker to drop the disconnected requests")
-    assert after["cancelled"] == before["cancelled"] + 2 and after["completed"] == before["completed"]
+    generating[1].close()
+    after = wait_until(lambda: (h := health(server))["active"] == 0 and h["waiting"] == 0 and h, 5,
+                       "the engine to drop the disconnected requests")
+    assert after["cancelled"] == before["cancelled"] + 3 and after["completed"] == before["completed"]
     assert after["rejected"] == before["rejected"] + 2
-    assert after["generated_tokens"] - before["generated_tokens"] < LONG["max_tokens"]
+    assert after["generated_tokens"] - before["generated_tokens"] < 3 * LONG["max_tokens"]
     reply = server["client"].chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], temperature=0)
     assert reply.choices[0].message.content == "The sky is blue."
 
@@ -353,14 +360,17 @@ def test_non_streaming_client_that_leaves_cancels_its_request(server):
     connection = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
     connection.request("POST", "/v1/chat/completions", json.dumps({"messages": CONVERSATIONS[2], **LONG}),
                        {"Content-Type": "application/json"})
-    wait_until(lambda: health(server)["running"] == 1, 5, "the request to start")
+    wait_until(lambda: health(server)["active"] == 1, 5, "the request to start")
     connection.close()
-    after = wait_until(lambda: (h := health(server))["running"] == 0 and h, 5, "the worker to drop it")
+    after = wait_until(lambda: (h := health(server))["active"] == 0 and h, 5, "the engine to drop it")
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["generated_tokens"] - before["generated_tokens"] < LONG["max_tokens"]
 
 
 def test_command_line_errors(toy_model, tmp_path, capsys):
+    assert server_main(["--model", str(toy_model["folder"]), "--max-batch", "100000000"]) == 2
+    err = capsys.readouterr().err
+    assert "KV cache: 100000000 slots x 2048 positions" in err and "lower --max-batch" in err
     assert server_main(["--model", str(tmp_path / "missing")]) == 2
     assert "no model folder" in capsys.readouterr().err
     assert server_main(["--model", str(toy_model["folder"]), "--port", "70000", "--max-queue", "-1"]) == 2

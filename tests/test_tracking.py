@@ -67,7 +67,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume(corpus, tiny_to
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 3  # one per invocation
 
     expected = metrics_by_tag(out)
-    assert {"loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "val_loss", "val_bpb"} <= set(expected)
+    assert {"loss", "lr", "grad_norm", "tokens_per_sec", "val_loss", "val_bpb"} <= set(expected)
     assert [step for step, _ in expected["loss"]] == list(range(1, 41))
     assert [step for step, _ in expected["val_loss"]] == [0, 10, 20, 30, 40]
     logged = tensorboard_by_tag(out / "tensorboard")

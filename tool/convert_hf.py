@@ -68,6 +68,27 @@ class VerificationFailed(Exception):
 
 # ---- export ------------------------------------------------------------------------------
 
+def source_folder(requested: str | None) -> Path:
+    """--model, or the SFT model folder; a clear message when it holds no model."""
+    source = Path(requested or SFT_DIR)
+    if not (source / CONFIG_FILE).is_file():
+        hint = "" if requested else " Train one with `python train/train_sft.py`, or pass --model FOLDER."
+        raise FileNotFoundError(f"no model folder at {source} ({CONFIG_FILE} missing).{hint}")
+    return source
+
+
+def export_tokenizer(source: Path, requested: str | None, model: EtudeModel) -> EtudeTokenizer:
+    """The tokenizer an export ships: --tokenizer-dir, else the model folder's own, else
+    weight/tokenizer/; refused when it has more ids than the model."""
+    tokenizer_dir = Path(requested) if requested else \
+        (source if (source / "tokenizer.json").is_file() else TOKENIZER_DIR)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} ids but the model only "
+                         f"{model.config.vocab_size}; pass the tokenizer it was trained with (--tokenizer-dir)")
+    return tokenizer
+
+
 def load_source_model(folder: Path, lora: Path | None = None, merge: bool = True) -> EtudeModel:
     """The Etude model to export. With a LoRA adapter folder, the adapter is checked against the
     model and applied: merged in (merge=True), so that everything after this point sees an
@@ -169,22 +190,31 @@ def verify(hf_folder: Path, model: EtudeModel, tokenizer: EtudeTokenizer | None,
     if not diff <= tolerance:
         failures.append(f"logits differ by {diff:.3g} > tolerance {tolerance:g}")
 
+    # A chat prompt is answered as a chat would answer it: up to the end of the assistant's turn.
+    stops = (tokenizer.im_end_id, tokenizer.eos_id) if tokenizer is not None else ()
     budget = min(max_new_tokens, context - len(prompt))
-    ours_tokens = list(reference.generate(prompt, budget, stop_ids=()))
+    ours_tokens = list(reference.generate(prompt, budget, stop_ids=stops))
     with torch.no_grad():
         output = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             do_sample=False, max_new_tokens=budget, eos_token_id=None)  # None: no early stop
+                             do_sample=False, max_new_tokens=budget, eos_token_id=list(stops) or None)
     hf_tokens = output[0, len(prompt):].tolist()
+    if stops and hf_tokens and hf_tokens[-1] in stops:
+        hf_tokens = hf_tokens[:-1]  # transformers keeps the stop token; Etude's generate does not
+    ended = "to the end of its turn" if len(ours_tokens) < budget else f"up to the {budget}-token limit"
     if hf_tokens == ours_tokens:
-        print(f"verify: greedy generation of {budget} tokens identical token for token")
+        print(f"verify: greedy reply identical token for token in transformers and Etude "
+              f"({len(ours_tokens)} tokens, {ended})")
+        if tokenizer is not None:
+            print(f"verify:   reply: {tokenizer.decode(ours_tokens)!r}")
     else:
         first = next((i for i, (a, b) in enumerate(zip(hf_tokens, ours_tokens)) if a != b),
                      min(len(hf_tokens), len(ours_tokens)))
-        print(f"verify: greedy generations differ from token {first}: transformers {hf_tokens[first:first + 5]}, "
+        print(f"verify: greedy replies differ from token {first}: transformers {hf_tokens[first:first + 5]}, "
               f"Etude {ours_tokens[first:first + 5]}  FAILED")
+        if tokenizer is not None:
+            print(f"verify:   transformers: {tokenizer.decode(hf_tokens)!r}\nverify:   Etude:        "
+                  f"{tokenizer.decode(ours_tokens)!r}")
         failures.append(f"greedy generation differs from token {first}")
-    if tokenizer is not None:
-        print(f"verify: greedy continuation: {tokenizer.decode(ours_tokens)!r}")
     return failures
 
 
@@ -232,11 +262,8 @@ def folder_size(folder: Path) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    source = Path(args.model or SFT_DIR)
+    source = source_folder(args.model)
     out = Path(args.out or HF_DIR)
-    if not (source / CONFIG_FILE).is_file():
-        hint = "" if args.model else " Train one with `python train/train_sft.py`, or pass --model FOLDER."
-        raise FileNotFoundError(f"no model folder at {source} ({CONFIG_FILE} missing).{hint}")
     previous_export = (out / CONFIG_FILE).is_file() and is_hf_config(read_json(out / CONFIG_FILE, "config"))
     check_out_folder(out, previous_export, args.force, [source])
     lora = resolve_adapter(args.lora) if args.lora else None
@@ -248,12 +275,7 @@ def run_export(args: argparse.Namespace) -> int:
         lora_out = Path(args.lora_out) if args.lora_out else out.with_name(f"{out.name}_lora_{lora.name}")
         check_out_folder(lora_out, (lora_out / ADAPTER_CONFIG_FILE).is_file(), args.force, [source, out, lora])
     model = load_source_model(source, lora, merge=not args.peft)
-    tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else \
-        (source if (source / "tokenizer.json").is_file() else TOKENIZER_DIR)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} ids but the model only "
-                         f"{model.config.vocab_size}; pass the tokenizer it was trained with (--tokenizer-dir)")
+    tokenizer = export_tokenizer(source, args.tokenizer_dir, model)
     with_lora = "" if lora is None else f" with the LoRA adapter {lora} " + \
         (f"written beside it for peft ({lora_out})" if args.peft else "merged in")
     print(f"exporting {source} ({model.num_parameters() / 1e6:.2f}M parameters) to {out} as {args.dtype} "
@@ -363,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tolerance < 0 or args.max_new_tokens <= 0:
         print("error: --tolerance must be >= 0 and --max-new-tokens positive", file=sys.stderr)
         return 2
-    try:
+
+    def run() -> int:
         if args.import_from:
             if args.model or args.dtype != "fp32" or args.lora:
                 raise ValueError("--import reads a Hugging Face folder and writes fp32 Etude weights; "
@@ -372,6 +395,14 @@ def main(argv: list[str] | None = None) -> int:
         if (args.peft or args.lora_out) and not args.lora:
             raise ValueError("--peft and --lora-out go with --lora NAME (the adapter to write for the export)")
         return run_export(args)
+    return exit_status(run)
+
+
+def exit_status(run) -> int:
+    """Run a conversion and turn its outcome into the exit status that the export tools share:
+    0 done, 1 verification failed (nothing written), 2 bad input (one message, no traceback)."""
+    try:
+        return run()
     except VerificationFailed as exc:
         print(f"error: verification failed ({exc}); nothing was written", file=sys.stderr)
         return 1

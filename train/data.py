@@ -115,11 +115,18 @@ def _count_skipped(report: dict, message: str) -> None:
         report["first_skipped"].append(message)
 
 
+def plural(count: int, noun: str) -> str:
+    """'1 conversation', '2 conversations': a count with its noun in the right number."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def _skipped_note(report: dict) -> str:
     """Why a file with lines in it can still hold nothing: its bad lines were all skipped."""
     if not report.get("skipped"):
         return ""
-    return f" ({report['skipped']} bad lines were skipped, first: {report['first_skipped'][0]})"
+    skipped = report["skipped"]
+    return (f" ({plural(skipped, 'bad line')} {'was' if skipped == 1 else 'were'} skipped, "
+            f"first: {report['first_skipped'][0]})")
 
 
 def _text_problem(obj: object) -> str | None:

@@ -36,7 +36,8 @@ from model.chat_formats import Rejected, rejection_text, to_conversation
 from model.checkpoint import atomic_write, atomic_write_json
 from model.model import IGNORE_INDEX as IGNORE
 from model.tokenizer import EtudeTokenizer
-from train.data import DataError, _skipped_note, read_jsonl, token_dtype, tokenizer_hash, source_fingerprint
+from train.data import (DataError, _skipped_note, plural, read_jsonl, source_fingerprint, token_dtype,
+                        tokenizer_hash)
 
 SFT_CACHE_VERSION = 1
 PACK_VERSION = 1  # of pack_windows: a changed packing must not reuse old plans
@@ -362,6 +363,8 @@ def load_sft_data(path: Path | str, tokenizer: EtudeTokenizer, seq_len: int,
         print(f"{Path(path).name}: {len(tokens):,} conversations -> {data.num_samples:,} windows of "
               f"{seq_len} tokens ({time.perf_counter() - started:.1f} s); {data.pad_fraction:.1%} padding, "
               f"{data.trained_tokens():,} trained tokens"
-              + (f"; {data.truncated} conversations longer than a window were truncated" if data.truncated else "")
-              + (f"; {skipped} bad lines were skipped when the cache was built" if skipped else ""))
+              + (f"; {plural(data.truncated, 'conversation')} longer than a window "
+                 f"{'was' if data.truncated == 1 else 'were'} truncated" if data.truncated else "")
+              + (f"; {plural(skipped, 'bad line')} {'was' if skipped == 1 else 'were'} skipped when the cache "
+                 "was built" if skipped else ""))
     return data

@@ -27,7 +27,7 @@ from config import CHECKPOINT_SUBDIR, LORA_DIR, ConfigError, read_json
 from model.checkpoint import WEIGHTS_FILE, atomic_write_json
 from model.lora import (ADAPTER_WEIGHTS_FILE, DEFAULT_TARGETS, adapter_settings, apply_lora, check_lora_settings,
                         display_path, save_adapter)
-from train.cli import build_parser, load_init_model, print_config, run_stage, train_config_from_args
+from train.cli import build_parser, check_data_files, load_init_model, print_config, run_stage, train_config_from_args
 from train.sft_data import load_sft_data
 from train.trainer import Trainer, find_resume_state
 
@@ -115,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         out_dir, base = Path(cfg.out_dir), display_path(cfg.init_from)
         if cfg.resume:
             check_resumable(out_dir, model, settings, base)
-        print_config(f"LoRA on {cfg.init_from} ({len(wrapped)} layers) with", lora=adapter_settings(model),
-                     model=model.config.to_dict(), run=cfg.to_dict())
+        blocks = {name.split(".")[1] for name in wrapped if name.startswith("layers.")}
+        where = f"{len(wrapped)} linear layers in {len(blocks)} blocks" if blocks else f"{len(wrapped)} linear layers"
+        check_data_files(cfg, args)
+        print_config(f"LoRA on {cfg.init_from} ({where}) with", lora=adapter_settings(model),
+                     model=model.config.applicable(), run=cfg.applicable())
         train_data = load_sft_data(cfg.data, tokenizer, cfg.seq_len, cfg.skip_bad_lines)
         val_data = load_sft_data(cfg.val_data, tokenizer, cfg.seq_len, cfg.skip_bad_lines) if cfg.val_data else None
         prompt, _ = tokenizer.render_chat([{"role": "user", "content": cfg.sample_prompt}], add_generation_prompt=True)

@@ -1,6 +1,6 @@
 """Pretrain an Etude model from scratch on plain text.
 
-    python train/train_pretrain.py --preset tiny            # minutes on a 2-core CPU
+    python train/train_pretrain.py --preset tiny            # ~8 min on 2 CPU cores
     python train/train_pretrain.py --preset small --dtype bf16
     torchrun --nproc_per_node 4 train/train_pretrain.py --preset base
 
@@ -23,7 +23,8 @@ import torch
 from config import ConfigError, preset_model_config
 from model.model import EtudeModel
 from model.tokenizer import load_tokenizer
-from train.cli import build_parser, load_init_model, parse_model_overrides, print_config, run_stage, train_config_from_args
+from train.cli import (build_parser, check_data_files, load_init_model, parse_model_overrides, print_config, run_stage,
+                       train_config_from_args)
 from train.data import load_pretrain_data, unigram_bits_per_byte
 from train.trainer import Trainer
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             model_config = preset_model_config(args.preset or "small", **overrides)
             if model_config.max_seq_len < cfg.seq_len:
                 model_config = preset_model_config(args.preset or "small", **{**overrides, "max_seq_len": cfg.seq_len})
-        print_config("pretraining with", model=model_config.to_dict(), run=cfg.to_dict())
+        check_data_files(cfg, args)
+        print_config("pretraining with", model=model_config.applicable(), run=cfg.applicable())
         train_data = load_pretrain_data(cfg.data, tokenizer, cfg.seq_len, cfg.skip_bad_lines)
         val_data = load_pretrain_data(cfg.val_data, tokenizer, cfg.seq_len, cfg.skip_bad_lines) \
             if cfg.val_data else None

@@ -19,7 +19,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 
 import torch
 
-from train.cli import build_parser, load_init_model, print_config, run_stage, train_config_from_args
+from train.cli import build_parser, check_data_files, load_init_model, print_config, run_stage, train_config_from_args
 from train.sft_data import load_sft_data
 from train.trainer import Trainer
 
@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = train_config_from_args("sft", args)
         tokenizer, model = load_init_model(cfg, tokenizer_dir_given=args.tokenizer_dir is not None,
                                            inherit_seq_len=args.seq_len is None and args.preset is None)
-        print_config(f"fine-tuning {cfg.init_from} with", model=model.config.to_dict(), run=cfg.to_dict())
+        check_data_files(cfg, args)
+        print_config(f"fine-tuning {cfg.init_from} with", model=model.config.applicable(), run=cfg.applicable())
         train_data = load_sft_data(cfg.data, tokenizer, cfg.seq_len, cfg.skip_bad_lines)
         val_data = load_sft_data(cfg.val_data, tokenizer, cfg.seq_len, cfg.skip_bad_lines) if cfg.val_data else None
         prompt, _ = tokenizer.render_chat([{"role": "user", "content": cfg.sample_prompt}], add_generation_prompt=True)

@@ -174,6 +174,8 @@ def step_validate(args: argparse.Namespace) -> None:
 def new_bpe_tokenizer() -> Tokenizer:
     """An untrained byte-level BPE: every byte has a token, so any input encodes."""
     tokenizer = Tokenizer(models.BPE())
+    # The GPT-2 split regex without a prefix space is llama.cpp's "gpt-2" pre-tokenizer, which the
+    # GGUF export names (model/gguf_llama.py refuses a tokenizer that splits otherwise).
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer

@@ -37,7 +37,9 @@ from config import CHECKPOINT_SUBDIR, TrainConfig, read_json
 from model.checkpoint import (atomic_save_safetensors, atomic_write, atomic_write_json, load_safetensors,
                               save_model_folder)
 from model.model import IGNORE_INDEX, EtudeModel
+from train.best_model import BestModel
 from train.optim import build_optimizer
+from train.progress import Progress, evaluations_between
 from train.tracking import Tracker, check_tracker, open_tracker
 
 _UMASK = os.umask(0)
@@ -129,15 +131,20 @@ _GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
               "4090": 165e12, "3090": 71e12}
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
     """The FLOP/s that MFU is measured against: the datasheet peak for known GPUs in bf16/fp16,
-    otherwise a matmul ceiling measured here and now (on CPU that is the honest ceiling)."""
+    otherwise a matmul ceiling measured here and now on an accelerator. None on a CPU: its
+    ceiling moves with whatever else the machine runs, so a figure measured once at start-up
+    gave MFUs above 100% when the load dropped later (tool/benchmark.py measures MFU side by side
+    instead)."""
+    if device.type == "cpu":
+        return None, "no MFU on a CPU: its peak moves with the machine's other load"
     if device.type == "cuda" and dtype != torch.float32:
         name = torch.cuda.get_device_name(device)
         for key, value in _GPU_PEAKS.items():
             if key in name:
                 return value, f"{name} datasheet"
-    size = 2048 if device.type != "cpu" else 1024
+    size = 2048
     # A private generator: measuring must not move the global RNG that a resumed run restores.
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
@@ -404,6 +411,7 @@ class Trainer:
         self.token_bytes = token_bytes.to(self.device) if token_bytes is not None else None
         self.out_dir = Path(cfg.out_dir)
         self.checkpoint_dir = self.out_dir / CHECKPOINT_SUBDIR
+        self.best = BestModel(self.out_dir)
         self.save_model = save_model or (lambda m, folder: save_model_folder(m, folder, cfg.tokenizer_dir))
         self.sample_ids, self.decode, self.stop_ids = sample_ids, decode, stop_ids
         self.tokenizer_fingerprint = _tokenizer_fingerprint(cfg.tokenizer_dir)
@@ -577,6 +585,9 @@ class Trainer:
         return {f"val_{key}": float(self.dist.sum(total) / units) for key, total in totals.items()}
 
     def sample_text(self) -> str | None:
+        """The sample prompt and the model's continuation, decoded as one text (decoding the two
+        apart prints a prompt that ends in a space, and a continuation that starts with one, as
+        a double space)."""
         if not self.sample_ids or self.decode is None:
             return None
         self.model.eval()
@@ -585,7 +596,7 @@ class Trainer:
             new_ids = list(self.model.generate(self.sample_ids, max_new_tokens=48, temperature=0.8, top_k=40,
                                                stop_ids=self.stop_ids, generator=generator))
         self.model.train()
-        return self.decode(new_ids)
+        return self.decode(list(self.sample_ids) + new_ids)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -750,14 +761,20 @@ class Trainer:
         n_params = self.model.num_parameters()
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         peak, peak_source = peak_flops(self.device, self.dtype)
+        against = f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else peak_source
         self._log(f"{cfg.stage}: {n_params / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable) on "
                   f"{self.device} in {str(self.dtype).replace('torch.', '')}, {self.dist.world_size} rank(s); "
                   f"{self.total_steps} steps x {self.global_batch} windows x {cfg.seq_len} tokens "
-                  f"({self.steps_per_epoch} steps/epoch); MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+                  f"({self.steps_per_epoch} steps/epoch); {against}")
         summary: dict[str, Any] = {"start_step": start_step, "total_steps": self.total_steps}
+        progress = Progress()
+        self.best.restore(start_step, remove_stale=self.dist.is_main)
+        self.dist.barrier()
         if start_step == 0:
+            started = time.perf_counter()
             first = self.evaluate()
             if first:
+                progress.evaluation(time.perf_counter() - started)
                 summary["first_eval"] = first
                 self._metrics({"step": 0, **first})
                 self._log("step 0: " + _fmt(first))
@@ -772,7 +789,6 @@ class Trainer:
                    disable=not (self.dist.is_main and sys.stderr.isatty()))
         self.model.train()
         last = None
-        window_start, window_steps = time.perf_counter(), 0
         step = start_step
         paused = False
         with self._stop_on_signals():
@@ -783,34 +799,43 @@ class Trainer:
                 if self.dist.any(self._stop_signal is not None):
                     self._stop_signal = self._stop_signal or "a signal to another rank"
                     break
-                loss, grad_norm, lr = self._train_step(step)
+                started = time.perf_counter()
+                loss, grad_norm, lr = self._train_step(step)  # returns floats: the step has finished
+                progress.step(time.perf_counter() - started)
                 step += 1
-                window_steps += 1
-                elapsed = time.perf_counter() - window_start
-                tokens_per_sec = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                mfu = self.model.estimate_mfu(tokens_per_sec, cfg.seq_len, peak)
+                tokens_per_sec = tokens_per_step / progress.seconds_per_step
                 record = {"step": step, "loss": loss, **self.step_metrics, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4)}
+                          "tokens_per_sec": round(tokens_per_sec, 1)}
+                speed = {"tok_s": f"{tokens_per_sec:,.0f}"}
+                if peak:
+                    mfu = self.model.estimate_mfu(tokens_per_sec, cfg.seq_len, peak)
+                    record["mfu"] = round(mfu, 4)
+                    speed["mfu"] = f"{mfu:.1%}"
                 self._metrics(record)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{mfu:.1%}")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **speed)
                 if step % cfg.log_every == 0 or step == self.total_steps:
-                    eta = (self.total_steps - step) * elapsed / window_steps
+                    evals_left = evaluations_between(step, self.total_steps, cfg.eval_every) if self.val_data else 0
+                    eta = progress.eta(self.total_steps - step, evals_left)
                     self._log(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                              f"{tokens_per_sec:,.0f} tok/s | MFU {mfu:.1%} | ETA {_duration(eta)}")
+                              f"{tokens_per_sec:,.0f} tok/s" + (f" | MFU {speed['mfu']}" if peak else "")
+                              + f" | ETA {_duration(eta)}")
                     routing = routing_metrics(self.model)
                     if routing:
                         self._metrics({"step": step, **routing})
-                    window_start, window_steps = time.perf_counter(), 0
                 if step % cfg.eval_every == 0 or step == self.total_steps:
+                    started = time.perf_counter()
                     last = self.evaluate()
                     if last:
+                        best = self._offer_best(step, last["val_loss"])
                         self._metrics({"step": step, **last})
-                        self._log(f"step {step}: " + _fmt(last))
+                        self._log(f"step {step}: " + _fmt(last) + (" (best so far)" if best else ""))
                     # Sharded generation is collective; every rank draws the same tokens.
                     sample = self.sample_text() if self.dist.is_main or self.fsdp else None
                     if sample is not None:
-                        self._log(f"sample: {self.decode(self.sample_ids)!s}{sample}")
+                        self._log(f"sample: {sample}")
+                    if last:
+                        progress.evaluation(time.perf_counter() - started)
                 if step % cfg.save_every == 0 and step < self.total_steps:
                     self.save_checkpoint(step)
         bar.close()
@@ -829,13 +854,41 @@ class Trainer:
                       "Run the same command again to resume.")
             summary["status"] = "interrupted"
             return summary
+        self._save_final(step, last, summary)
+        summary["status"] = "complete"
+        return summary
+
+    def _offer_best(self, step: int, val_loss: float) -> bool:
+        """Keep the model of an evaluation that beats every earlier one (--keep best)."""
+        if self.cfg.keep != "best":
+            return False
+        better = step > 0 and val_loss < self.best.val_loss
+        model = self._unsharded_model() if better else None  # collective under FSDP
+        saved = self.best.offer(step, val_loss, (lambda folder: self.save_model(model, folder))
+                                if self.dist.is_main else None)
+        self.dist.barrier()
+        return saved
+
+    def _save_final(self, step: int, last: dict[str, float] | None, summary: dict[str, Any]) -> None:
+        """The out-dir receives the last step's model, or with --keep best the best evaluation's
+        when an earlier one was better than the last."""
+        last_loss = last["val_loss"] if last else math.inf
+        use_best = self.cfg.keep == "best" and self.best.step is not None and self.best.step != step \
+            and self.best.val_loss < last_loss
+        summary["saved_step"] = self.best.step if use_best else step
+        if use_best:
+            if self.dist.is_main:
+                self.best.install(self.out_dir)
+                self._log(f"saved {self.out_dir}: the model of step {self.best.step}, whose validation loss "
+                          f"{self.best.val_loss:.4f} is the run's best (the last step, {step}, had {last_loss:.4f}); "
+                          "--keep last saves the last step's model instead")
+            self.dist.barrier()
+            return
         final = self._unsharded_model()
         if self.dist.is_main:
             self.save_model(final, self.out_dir)
-            self._log(f"saved {self.out_dir}")
+            self._log(f"saved {self.out_dir} (the model of step {step})")
         self.dist.barrier()
-        summary["status"] = "complete"
-        return summary
 
     def _train_step(self, step: int) -> tuple[float, float, float]:
         """One optimizer step over grad_accum micro-batches; returns (loss, grad norm, lr).

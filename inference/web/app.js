@@ -6,6 +6,18 @@ const $ = (id) => document.getElementById(id);
 const history = [];          // [{role, content}], the system prompt excluded
 let modelName = null;
 let controller = null;        // AbortController of the answer being streamed
+// The server's API key, when it has one: asked for on a 401, kept for this tab only.
+let apiKey = sessionStorage.getItem("etude-api-key") || "";
+
+function apiHeaders(extra = {}) {
+  return apiKey ? { ...extra, Authorization: `Bearer ${apiKey}` } : extra;
+}
+
+function askForKey(message) {
+  $("key-form").hidden = false;
+  $("model-name").textContent = message;
+  $("api-key").focus();
+}
 
 function addMessage(role, text) {
   const div = document.createElement("div");
@@ -26,6 +38,7 @@ function requestBody() {
   const messages = (system ? [{ role: "system", content: system }] : []).concat(history);
   return {
     model: modelName, messages, stream: true, stream_options: { include_usage: true },
+    truncation: "auto",        // a long chat loses its oldest turns rather than failing
     temperature: Number($("temperature").value),
     top_p: Number($("top-p").value),
     max_tokens: Number($("max-tokens").value),
@@ -72,9 +85,10 @@ async function send(text) {
   let answer = "";
   try {
     const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: { "Content-Type": "application/json" },
+      method: "POST", headers: apiHeaders({ "Content-Type": "application/json" }),
       body: JSON.stringify(requestBody()), signal: controller.signal,
     });
+    if (response.status === 401) askForKey("the API key was refused");
     if (!response.ok) throw new Error(await errorText(response));
     const note = response.headers.get("X-Etude-Note");
     for await (const data of sseData(response)) {
@@ -135,10 +149,30 @@ $("new-chat").addEventListener("click", () => {
   $("status").textContent = "";
 });
 
-fetch("/v1/models")
-  .then((response) => response.json())
-  .then((body) => {
-    modelName = body.data[0].id;
-    $("model-name").textContent = `${modelName} · context ${body.data[0].max_model_len} tokens`;
-  })
-  .catch(() => { $("model-name").textContent = "server unreachable"; });
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  apiKey = $("api-key").value.trim();
+  sessionStorage.setItem("etude-api-key", apiKey);
+  $("api-key").value = "";
+  loadModel();
+});
+
+function loadModel() {
+  fetch("/v1/models", { headers: apiHeaders() })
+    .then((response) => {
+      if (response.status === 401) {
+        askForKey(apiKey ? "the API key was refused; enter it again" : "enter the server's API key");
+        return null;
+      }
+      return response.json();
+    })
+    .then((body) => {
+      if (!body) return;
+      $("key-form").hidden = true;
+      modelName = body.data[0].id;
+      $("model-name").textContent = `${modelName} · context ${body.data[0].max_model_len} tokens`;
+    })
+    .catch(() => { $("model-name").textContent = "server unreachable"; });
+}
+
+loadModel();

@@ -4,7 +4,7 @@ Two kinds of folder load here, behind one interface (`EvalModel`):
 
 - an Etude folder (config.json with "model_type": "etude"), or a LoRA adapter folder of one
   (adapter_config.json naming its base): our tokenizer and EtudeModel; generation goes through
-  the model's own KV-cached generate_batch (model/model.py);
+  the continuous-batching engine that the server and batch chat use (inference/engine.py);
 - a Hugging Face folder (weight/etude_hf_model/ or any causal LM that transformers loads):
   AutoTokenizer + AutoModelForCausalLM, so an export is measured by the program that will read it.
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from config import ROOT, read_json
+from inference.engine import Engine, Request  # the project's one batched decoder (greedy answers)
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -209,8 +210,8 @@ class EtudeEvalModel(EvalModel):
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int]) -> list[list[int]]:
         prompts, budget = self.fit_prompts(prompts, max_new_tokens)
-        return self.model.generate_batch(prompts, max_new_tokens=budget, temperature=0.0,
-                                         stop_ids=stop_ids, pad_id=self.eot_id)
+        requests = [Request(ids, budget, stop_ids=stop_ids) for ids in prompts]
+        return [r.output_ids for r in Engine(self.model, None, max_batch=len(prompts)).run(requests)]
 
 
 class HFEvalModel(EvalModel):
