@@ -14,7 +14,7 @@ from model.synthetic_tasks import HELD_OUT, make_problems, training_problems
 from model.tokenizer import load_tokenizer
 from train.data import DataError
 from train.preference import sequence_logps
-from train.rollouts import GRPOObjective, RolloutPrompts, read_task_prompts
+from train.rollouts import GRPOObjective, RolloutPrompts, read_task_prompts, sample_group
 from train.train_grpo import main as grpo_main
 from train.train_sft import main as sft_main
 
@@ -139,3 +139,18 @@ def test_grpo_kl_and_lora_and_bad_settings(toy, tmp_path, capsys):
     write_lines(bad, [*prompt_lines(2, seed=1), {"prompt": "Write a poem.", "task": "poetry", "answer": "x"}])
     assert grpo_main([*args, "--data", str(bad), "--out-dir", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:3: no checker for task 'poetry'" in capsys.readouterr().err
+
+
+def test_a_greedy_group_is_the_greedy_answer_repeated(toy):
+    """sample_group at temperature 0: every row is model.generate()'s greedy answer, ending at its
+    first stop token; sampled rows end at their stop token too."""
+    model = load_model_folder(toy["folder"] / "sft", "cpu").eval()
+    tokenizer = toy["tokenizer"]
+    stop = tokenizer.im_end_id
+    for problem in training_problems(TASK, 3, seed=9):
+        prompt, _ = tokenizer.render_chat([{"role": "user", "content": problem.question}], add_generation_prompt=True)
+        expected = list(model.generate(prompt, max_new_tokens=6, stop_ids=(stop,)))
+        assert sample_group(model, prompt, 3, 6, 0.0, stop) == [expected] * 3
+        torch.manual_seed(0)
+        for row in sample_group(model, prompt, 4, 6, 1.0, stop):
+            assert 1 <= len(row) <= 6 and stop not in row[:-1]
