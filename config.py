@@ -333,7 +333,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     # each step from the model being trained).
     "grpo": dict(stage="grpo", data=str(GRPO_DATA), val_data=None, out_dir=str(GRPO_DIR), init_from=str(SFT_DIR),
                  batch_size=8, lr=1e-5, epochs=1, max_steps=200, warmup_steps=10, weight_decay=0.0,
-                 schedule="constant", sample_prompt="What is 7 * 8? Answer with the number only."),
+                 schedule="constant",
+                 sample_prompt="How many words are in this list: apple river garden? Answer with the number only."),
 }
 
 # A preset names a model shape and the run settings that suit it, per stage.

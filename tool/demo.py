@@ -5,10 +5,10 @@
 
 prepare data -> train the tokenizer -> pretrain -> supervised fine-tuning -> chat -> LoRA (a small
 adapter that renames the assistant "Mira") -> the same questions with and without the adapter ->
-DPO (preference pairs from the SFT model's own degenerate answers) and GRPO (arithmetic, rewarded by
-a checker) -> evaluation of the pretrained, SFT and LoRA models on a sample of each task (a table,
-and a report card with plots in weight/report/), and of the DPO and GRPO models on chat and
-arithmetic.
+DPO (preference pairs from the SFT model's own degenerate answers) and GRPO (counting problems,
+rewarded by a checker) -> evaluation of the pretrained, SFT and LoRA models on a sample of each
+task (a table, and a report card with plots in weight/report/), and of the DPO and GRPO models on
+chat and counting.
 Each stage is the same command you would type yourself (they are printed), so the demo doubles
 as a tour.
 Stages resume: running the demo again continues an interrupted run, or skips finished training.
@@ -171,7 +171,7 @@ def lora_command(preset: str) -> list[str]:
 
 def alignment_commands(preset: str) -> list[tuple[str, list[str]]]:
     """Beyond SFT: preference pairs from the SFT model's own answers, DPO on them, and GRPO on
-    arithmetic prompts with a checker; each starts from the SFT model."""
+    counting problems with a checker; each starts from the SFT model."""
     return [
         ("dpo pairs", ["tool/prepare_data.py", "--dpo", "--dpo-prompts", str(DPO_PROMPTS),
                        "--dpo-val-prompts", str(DPO_VAL_PROMPTS)]),
@@ -181,9 +181,9 @@ def alignment_commands(preset: str) -> list[tuple[str, list[str]]]:
 
 
 def alignment_evaluate_command() -> list[str]:
-    """The DPO model on the chat task (degenerate answers) and the GRPO model on arithmetic; the
-    SFT model's figures on the same questions are in the main evaluation's table."""
-    return ["tool/evaluate.py", "weight/etude_dpo_model", "weight/etude_grpo_model", "--tasks", "chat,arithmetic",
+    """The DPO model on the chat task (degenerate answers) and the GRPO model on counting; the SFT
+    model's figures on the same questions are in the main evaluation's table."""
+    return ["tool/evaluate.py", "weight/etude_dpo_model", "weight/etude_grpo_model", "--tasks", "chat,counting",
             "--limit", str(EVAL_LIMIT)]
 
 

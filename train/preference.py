@@ -215,6 +215,9 @@ class DPOObjective(Objective):
     def units(self, batch) -> int:
         return batch[0].shape[0] // 2
 
+    def describe_batch(self, samples: int, seq_len: int) -> str:
+        return f"{samples} pairs"
+
     def __call__(self, model, batch):
         inputs, targets = batch
         logits, _, aux_loss = model(inputs)

@@ -2,7 +2,8 @@
 
 A prompt file is JSONL, one prompt per line:
 
-    {"prompt": "What is 7 * 8? Answer with the number only." | [messages], "task": "arithmetic", "answer": "56"}
+    {"prompt": "How many words are in this list: apple river? Answer with the number only." | [messages],
+     "task": "counting", "answer": "2"}
 
 `task` names the checker that scores a completion: the synthetic tasks of model/synthetic_tasks.py
 (arithmetic, counting, spelling; the same checker as tool/evaluate.py's exact-answer tasks). A
@@ -157,10 +158,14 @@ class GRPOObjective(Objective):
     """The clipped policy-gradient loss over RolloutPrompts batches (module docstring). Its unit
     is a completion token, so micro-batches and ranks weigh by the tokens they hold."""
 
-    def __init__(self, epsilon: float = 0.2, kl_coef: float = 0.0, reference: EtudeModel | None = None):
+    def __init__(self, epsilon: float = 0.2, kl_coef: float = 0.0, reference: EtudeModel | None = None,
+                 group_size: int | None = None):
         """reference: the frozen starting model for the KL term; None with kl_coef > 0 means the
-        trained model with its LoRA adapters switched off."""
-        self.epsilon, self.kl_coef, self.reference = epsilon, kl_coef, reference
+        trained model with its LoRA adapters switched off. group_size: for the start line."""
+        self.epsilon, self.kl_coef, self.reference, self.group_size = epsilon, kl_coef, reference, group_size
+
+    def describe_batch(self, samples: int, seq_len: int) -> str:
+        return f"{samples} prompts x {self.group_size} completions"
 
     def units(self, batch) -> int:
         return int((batch["targets"] != IGNORE_INDEX).sum())

@@ -1,8 +1,8 @@
 """GRPO: reinforcement learning with verifiable rewards - the model practises and a checker grades.
 
-    python train/train_grpo.py --preset tiny                       # the demo: arithmetic prompts
+    python train/train_grpo.py --preset tiny                       # the demo: counting problems
     python train/train_grpo.py --data prompts.jsonl --group-size 8 --kl-coef 0.02
-    python tool/evaluate.py weight/etude_sft_model weight/etude_grpo_model --tasks arithmetic
+    python tool/evaluate.py weight/etude_sft_model weight/etude_grpo_model --tasks counting
 
 Starts from a chat model (default weight/etude_sft_model/). Each step takes --batch-size prompts
 with checkable answers (default training_data/grpo.jsonl, written by tool/prepare_data.py:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         sample, _ = tokenizer.render_chat([{"role": "user", "content": cfg.sample_prompt}], add_generation_prompt=True)
         trainer = Trainer(model, cfg, prompts, None, save_model=save_model, sample_ids=sample,
                           decode=tokenizer.decode, stop_ids=(tokenizer.im_end_id,),
-                          objective=GRPOObjective(args.epsilon, args.kl_coef, reference))
+                          objective=GRPOObjective(args.epsilon, args.kl_coef, reference, args.group_size))
         prompts.policy = trainer.model
         summary = trainer.fit()
         if summary.get("status") == "complete" and trainer.dist.is_main:

@@ -68,6 +68,10 @@ class Objective:
         _, targets = batch
         return int((targets != IGNORE_INDEX).sum())
 
+    def describe_batch(self, samples: int, seq_len: int) -> str:
+        """A global batch of `samples` samples in words, for the start line."""
+        return f"{samples} windows x {seq_len} tokens"
+
     def __call__(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(loss: the mean over the batch's units, auxiliary loss added as it is, metrics: means
         over the units, logged with the loss)."""
@@ -764,7 +768,7 @@ class Trainer:
         against = f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else peak_source
         self._log(f"{cfg.stage}: {n_params / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable) on "
                   f"{self.device} in {str(self.dtype).replace('torch.', '')}, {self.dist.world_size} rank(s); "
-                  f"{self.total_steps} steps x {self.global_batch} windows x {cfg.seq_len} tokens "
+                  f"{self.total_steps} steps x {self.objective.describe_batch(self.global_batch, cfg.seq_len)} "
                   f"({self.steps_per_epoch} steps/epoch); {against}")
         summary: dict[str, Any] = {"start_step": start_step, "total_steps": self.total_steps}
         progress = Progress()
