@@ -23,6 +23,8 @@ TOKENIZER_DIR = WEIGHT_DIR / "tokenizer"
 PRETRAINED_DIR = WEIGHT_DIR / "etude_pretrained_model"
 SFT_DIR = WEIGHT_DIR / "etude_sft_model"
 LORA_DIR = WEIGHT_DIR / "lora"
+DPO_DIR = WEIGHT_DIR / "etude_dpo_model"
+GRPO_DIR = WEIGHT_DIR / "etude_grpo_model"
 HF_DIR = WEIGHT_DIR / "etude_hf_model"
 GGUF_DIR = WEIGHT_DIR / "etude_gguf"
 
@@ -31,6 +33,9 @@ PRETRAIN_DATA = DATA_DIR / "pretrain.jsonl"
 PRETRAIN_VAL_DATA = DATA_DIR / "pretrain.val.jsonl"
 SFT_DATA = DATA_DIR / "sft.jsonl"
 SFT_VAL_DATA = DATA_DIR / "sft.val.jsonl"
+DPO_DATA = DATA_DIR / "dpo.jsonl"
+DPO_VAL_DATA = DATA_DIR / "dpo.val.jsonl"
+GRPO_DATA = DATA_DIR / "grpo.jsonl"
 
 # Special tokens, in id order: they are the first ids of every tokenizer trained here.
 ENDOFTEXT = "<|endoftext|>"
@@ -432,6 +437,17 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": dict(stage="lora", data=str(DATA_DIR / "lora_identity.jsonl"), val_data=None,
                  out_dir=str(LORA_DIR / "identity"), init_from=str(SFT_DIR), batch_size=8, lr=1e-3,
                  epochs=3, warmup_steps=10, weight_decay=0.0, sample_prompt="Who are you?"),
+    # Preference and RL stages start from the chat model and move it a little: a low learning
+    # rate, no weight decay (it would pull towards zero, not towards the starting model).
+    "dpo": dict(stage="dpo", data=str(DPO_DATA), val_data=str(DPO_VAL_DATA), out_dir=str(DPO_DIR),
+                init_from=str(SFT_DIR), batch_size=8, lr=5e-6, epochs=1, warmup_steps=10, weight_decay=0.0,
+                sample_prompt="Hello! How are you today?"),
+    # A GRPO "sample" is a prompt with a checkable answer (its group of completions is drawn at
+    # each step from the model being trained).
+    "grpo": dict(stage="grpo", data=str(GRPO_DATA), val_data=None, out_dir=str(GRPO_DIR), init_from=str(SFT_DIR),
+                 batch_size=8, lr=1e-5, epochs=1, max_steps=200, warmup_steps=10, weight_decay=0.0,
+                 schedule="constant",
+                 sample_prompt="How many words are in this list: apple river garden? Answer with the number only."),
 }
 
 # A preset names a model shape and the run settings that suit it, per stage.
@@ -453,6 +469,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # idle CPU cores) and keep most trained answers (see tool/prepare_data.py LORA_REHEARSAL).
         "lora": dict(seq_len=256, batch_size=4, lr=2e-3, epochs=3, warmup_steps=10, eval_every=50,
                      eval_batches=4, save_every=50, log_every=5),
+        "dpo": dict(seq_len=256, batch_size=8, lr=1e-4, epochs=2, warmup_steps=10, eval_every=50,
+                    eval_batches=8, save_every=50, log_every=5),
+        "grpo": dict(seq_len=256, batch_size=8, lr=1e-4, max_steps=100, warmup_steps=5, eval_every=50,
+                     save_every=25, log_every=5),
     },
     # ~26M parameters: the size minimind users know.
     "small": {

@@ -23,6 +23,7 @@ model it was not trained on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -74,6 +75,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=weight.device, dtype=weight.dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # adapters_disabled(): the base layer alone (a DPO/GRPO reference)
         self.reset_lora_parameters(generator)
 
     @property
@@ -96,7 +98,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return out
         return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
@@ -183,6 +185,22 @@ def apply_lora(model: EtudeModel, targets: Iterable[str] = DEFAULT_TARGETS, r: i
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, LoRALinear(linear[name], r, alpha, dropout, generator))
     return chosen
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block the model computes what its base does, every adapter switched off: the
+    reference of a preference or RL stage that trains an adapter, with no second copy in memory."""
+    modules = list(lora_modules(model).values())
+    if any(module.merged for module in modules):
+        raise ValueError("the adapters are merged into the base weights; unmerge them to switch them off")
+    for module in modules:
+        module.disabled = True
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.disabled = False
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -31,6 +31,10 @@ WORDS = tuple(
     "spider tunnel violin wallet wizard".split())
 KINDS = ("arithmetic", "counting", "spelling")
 _INT = re.compile(r"-?\d+")
+# Evaluation (tool/evaluate.py) asks the first problems of seed 0; training sets (the demo's SFT
+# conversations, GRPO prompts) leave out every question among the first HELD_OUT of them, so a
+# held-out accuracy is measured on questions that training never showed.
+HELD_OUT = 1000
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,20 @@ def make_problems(kind: str, count: int, seed: int = 0) -> list[Problem]:
     # One stream per kind and seed, so asking for more problems extends the list, never reshuffles it.
     rng = random.Random(f"{kind}:{seed}")
     return [_MAKERS[kind](rng) for _ in range(count)]
+
+
+def training_problems(kind: str, count: int, seed: int) -> list[Problem]:
+    """`count` problems of `kind` drawn with `seed` (not 0, the evaluation seed), none of whose
+    questions is among the first HELD_OUT evaluation problems; the same list for the same seed."""
+    if seed == 0:
+        raise ValueError("seed 0 draws the evaluation problems; training problems need another seed")
+    held_out = {p.question for p in make_problems(kind, HELD_OUT, seed=0)}
+    drawn = count
+    while True:
+        kept = [p for p in make_problems(kind, drawn, seed) if p.question not in held_out]
+        if len(kept) >= count:
+            return kept[:count]
+        drawn = drawn * 2 + 16
 
 
 def extract_answer(problem: Problem, reply: str) -> str | None:

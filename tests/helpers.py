@@ -100,3 +100,33 @@ def checkpoint_step(out_dir: Path) -> int:
         return json.loads((out_dir / "checkpoint" / "trainer_state.json").read_text())["step"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return 0
+
+
+def crash_at_step(monkeypatch, stage_main, args: list[str], step: int) -> None:
+    """Run a stage in-process and crash it (KeyboardInterrupt, no save) as it starts step `step`:
+    a crash between checkpoints, whose steps since the last checkpoint a resumed run redoes."""
+    import pytest
+
+    from train.trainer import Trainer
+
+    original = Trainer._train_step
+
+    def dies(self, at):
+        if at == step:
+            raise KeyboardInterrupt
+        return original(self, at)
+
+    monkeypatch.setattr(Trainer, "_train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        stage_main(args)
+    monkeypatch.setattr(Trainer, "_train_step", original)
+
+
+def check_exact_resume(monkeypatch, stage_main, args: list[str], out: Path, crash_at: int, saved_at: int,
+                       reference: Path) -> None:
+    """A run crashed at step `crash_at` (its last checkpoint at `saved_at`), then run again with
+    the same arguments, logs the very losses of the uninterrupted run in `reference`."""
+    crash_at_step(monkeypatch, stage_main, [*args, "--out-dir", str(out)], crash_at)
+    assert checkpoint_step(out) == saved_at
+    assert stage_main([*args, "--out-dir", str(out)]) == 0
+    assert step_losses(out) == step_losses(reference)

@@ -18,11 +18,10 @@ from model.lora import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, DEFAULT_TARGE
                         unmerge_lora)
 from model.model import EtudeModel
 from model.tokenizer import load_tokenizer
-from train.trainer import Trainer
 from train.train_lora import main as lora_main
 
 from tests.conftest import TINY_VOCAB_SIZE
-from tests.helpers import step_losses
+from tests.helpers import check_exact_resume, step_losses
 
 SHAPE = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
 IDENTITY = [("What is your name?", "I am Mira."), ("Who are you?", "I am Mira, a toy model.")]
@@ -263,21 +262,8 @@ def test_train_lora_learns_and_writes_only_the_adapter(toy):
 
 def test_train_lora_resume_is_exact(toy, tmp_path, monkeypatch):
     """A run that dies after its step-20 checkpoint, resumed, gives the uninterrupted run's losses."""
-    original = Trainer._train_step
-
-    def dies_at_step_25(self, step):
-        if step == 25:
-            raise KeyboardInterrupt  # a crash between checkpoints (steps 21-25 must be redone)
-        return original(self, step)
-
     out = tmp_path / "interrupted"
-    monkeypatch.setattr(Trainer, "_train_step", dies_at_step_25)
-    with pytest.raises(KeyboardInterrupt):
-        lora_main([*toy["args"], "--out-dir", str(out)])
-    monkeypatch.setattr(Trainer, "_train_step", original)
-    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 20
-    assert lora_main([*toy["args"], "--out-dir", str(out)]) == 0
-    assert step_losses(out) == step_losses(toy["folder"] / "adapter")
+    check_exact_resume(monkeypatch, lora_main, toy["args"], out, 25, 20, toy["folder"] / "adapter")  # 21-25 redone
     assert load_safetensors(out / ADAPTER_WEIGHTS_FILE).keys() == \
         load_safetensors(toy["folder"] / "adapter" / ADAPTER_WEIGHTS_FILE).keys()
     # Other LoRA settings cannot continue this checkpoint.

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from model.tokenizer import validate_messages
-from tool.prepare_data import QA_REPEATS, chatterbot_conversations, main as prepare_main
+from tool.prepare_data import (GRPO_PROMPTS, QA_REPEATS, SYNTHETIC_SFT, chatterbot_conversations, main as prepare_main,
+                               synthetic_conversations)
 
 OUTPUTS = ("pretrain.jsonl", "pretrain.val.jsonl", "sft.jsonl", "sft.val.jsonl")
 
@@ -150,8 +151,13 @@ def test_demo_corpus_is_deterministic(tmp_path):
 
     sft = read_jsonl(first / "sft.jsonl")
     val = read_jsonl(first / "sft.val.jsonl")
-    distinct = {json.dumps(r, sort_keys=True) for r in sft}
+    # The synthetic problems (GRPO's starting point) are added to the training split only.
+    synthetic = {json.dumps({"conversations": m}, sort_keys=True) for m in synthetic_conversations()}
+    distinct = {json.dumps(r, sort_keys=True) for r in sft} - synthetic
     assert 0.04 < len(val) / (len(distinct) + len(val)) < 0.06
+    assert sum(json.dumps(r, sort_keys=True) in synthetic for r in sft) == sum(SYNTHETIC_SFT.values())
+    assert not synthetic & {json.dumps(r, sort_keys=True) for r in val}
+    assert len(read_jsonl(first / "grpo.jsonl")) == sum(GRPO_PROMPTS.values())
     # chatterbot's Q&A (the demo's facts) is repeated in training, chitchat is not
     copies = Counter(json.dumps(r["conversations"][-2:], sort_keys=True) for r in sft)
     assert copies[json.dumps([{"role": "user", "content": "My printer is not printing."},
@@ -160,8 +166,9 @@ def test_demo_corpus_is_deterministic(tmp_path):
     for record in sft + val:
         validate_messages(record["conversations"], require_assistant=True)
         assert record["conversations"][-1]["role"] == "assistant"
-    with_system = sum(r["conversations"][0]["role"] == "system" for r in sft)
-    assert 0.15 < with_system / len(sft) < 0.25
+    chats = [r for r in sft if json.dumps(r, sort_keys=True) not in synthetic]
+    with_system = sum(r["conversations"][0]["role"] == "system" for r in chats)
+    assert 0.15 < with_system / len(chats) < 0.25
     assert any(len(r["conversations"]) >= 4 for r in sft)
     assert any("你好" in m["content"] for r in sft for m in r["conversations"])
 

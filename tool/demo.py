@@ -5,8 +5,10 @@
 
 prepare data -> train the tokenizer -> pretrain -> supervised fine-tuning -> chat -> LoRA (a small
 adapter that renames the assistant "Mira") -> the same questions with and without the adapter ->
-evaluation of the pretrained, SFT and LoRA models on a sample of each task (a table, and a report
-card with plots in weight/report/).
+DPO (preference pairs from the SFT model's own degenerate answers) and GRPO (counting problems,
+rewarded by a checker) -> evaluation of the pretrained, SFT and LoRA models on a sample of each
+task (a table, and a report card with plots in weight/report/), and of the DPO and GRPO models on
+chat and counting.
 Each stage is the same command you would type yourself (they are printed), so the demo doubles
 as a tour.
 Stages resume: running the demo again continues an interrupted run, or skips finished training.
@@ -48,15 +50,21 @@ LORA_NAME = "identity"
 # minutes, at a standard error of about 6 points on an accuracy: python tool/evaluate.py without
 # --limit measures them all.
 EVAL_LIMIT = 50
+# The DPO and GRPO stages run on fewer prompts and steps than their tools' defaults, to stay within
+# a few minutes: the SFT model's greedy answers to DPO_PROMPTS + DPO_VAL_PROMPTS conversations make
+# the preference pairs (about half of them make a pair), and GRPO takes GRPO_STEPS steps.
+DPO_PROMPTS = 500
+DPO_VAL_PROMPTS = 200
+GRPO_STEPS = 60
 
 
 # Seconds each stage of `python tool/demo.py` (tiny preset) took on the reference machine: 2 cores
 # of an AMD EPYC (Zen 4, AVX-512 BF16: bf16 autocast), nothing else running (2026-12-03, a fresh
 # clone). The one estimate of the demo's length; README.md quotes its total.
 REFERENCE_SECONDS = {"prepare data": 5, "tokenizer": 7, "pretrain": 500, "sft": 485, "chat": 7, "lora": 40,
-                     "lora chat": 10, "evaluate": 35}
+                     "lora chat": 10, "dpo pairs": 120, "dpo": 120, "grpo": 240, "evaluate": 50}
 # Stages whose time is training or decoding, which scale with the speed measured at the start.
-COMPUTE_STAGES = ("pretrain", "sft", "lora", "evaluate", "chat", "lora chat")
+COMPUTE_STAGES = ("pretrain", "sft", "lora", "evaluate", "chat", "lora chat", "dpo pairs", "dpo", "grpo")
 # measure_speed() on the reference machine (training tokens/s of the tiny model).
 REFERENCE_TOKENS_PER_SECOND = 6200.0
 # Slower than the reference by this factor: say so, and why.
@@ -161,6 +169,24 @@ def lora_command(preset: str) -> list[str]:
     return ["train/train_lora.py", "--preset", preset, "--lora-name", LORA_NAME]
 
 
+def alignment_commands(preset: str) -> list[tuple[str, list[str]]]:
+    """Beyond SFT: preference pairs from the SFT model's own answers, DPO on them, and GRPO on
+    counting problems with a checker; each starts from the SFT model."""
+    return [
+        ("dpo pairs", ["tool/prepare_data.py", "--dpo", "--dpo-prompts", str(DPO_PROMPTS),
+                       "--dpo-val-prompts", str(DPO_VAL_PROMPTS)]),
+        ("dpo", ["train/train_dpo.py", "--preset", preset]),
+        ("grpo", ["train/train_grpo.py", "--preset", preset, "--max-steps", str(GRPO_STEPS)]),
+    ]
+
+
+def alignment_evaluate_command() -> list[str]:
+    """The DPO model on the chat task (degenerate answers) and the GRPO model on counting; the SFT
+    model's figures on the same questions are in the main evaluation's table."""
+    return ["tool/evaluate.py", "weight/etude_dpo_model", "weight/etude_grpo_model", "--tasks", "chat,counting",
+            "--limit", str(EVAL_LIMIT)]
+
+
 def evaluate_command() -> list[str]:
     return ["tool/evaluate.py", "weight/etude_pretrained_model", "weight/etude_sft_model", f"weight/lora/{LORA_NAME}",
             "--limit", str(EVAL_LIMIT), "--report", "weight/report"]
@@ -259,8 +285,14 @@ def main(argv: list[str] | None = None) -> int:
         ask(question, answer, "--lora", LORA_NAME, lesson=LORA_LESSON if answer is None else None)
     clock.stage("lora chat", time.perf_counter() - t0)
 
+    for name, command in alignment_commands(args.preset):
+        t0 = time.perf_counter()
+        run(command)
+        clock.stage(name, time.perf_counter() - t0)
+
     t0 = time.perf_counter()
     run(evaluate_command())
+    run(alignment_evaluate_command())
     clock.stage("evaluate", time.perf_counter() - t0)
 
     clock.report()

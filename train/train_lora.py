@@ -37,10 +37,12 @@ DEFAULT_ALPHA = 16.0
 RUN_FILE = "lora_run.json"  # the LoRA settings of the run in this folder, checked on resume
 
 
-def add_lora_flags(parser) -> None:
+def add_lora_flags(parser, name: bool = True) -> None:
+    """The --lora-* flags (train/train_dpo.py and train_grpo.py take them too, without --lora-name)."""
     add = parser.add_argument
-    add("--lora-name", default=DEFAULT_NAME,
-        help=f"adapter name: the run writes {LORA_DIR}/<name>/ (default {DEFAULT_NAME}); --out-dir overrides the folder")
+    if name:
+        add("--lora-name", default=DEFAULT_NAME,
+            help=f"adapter name: the run writes {LORA_DIR}/<name>/ (default {DEFAULT_NAME}); --out-dir overrides the folder")
     add("--lora-r", type=int, default=DEFAULT_R, help=f"rank of the low-rank update (default {DEFAULT_R})")
     add("--lora-alpha", type=float, default=DEFAULT_ALPHA,
         help=f"scale numerator: the update is multiplied by alpha/r (default {DEFAULT_ALPHA:g})")
@@ -51,7 +53,8 @@ def add_lora_flags(parser) -> None:
 
 
 def lora_settings_from_args(args) -> dict:
-    if "/" in args.lora_name or "\\" in args.lora_name or args.lora_name in ("", ".", ".."):
+    name = getattr(args, "lora_name", None)
+    if name is not None and ("/" in name or "\\" in name or name in ("", ".", "..")):
         raise ConfigError(f"--lora-name {args.lora_name!r} must be a plain name (it becomes "
                           f"{LORA_DIR}/<name>/); to write elsewhere use --out-dir")
     settings = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
@@ -62,18 +65,19 @@ def lora_settings_from_args(args) -> dict:
     return settings
 
 
-def check_resumable(out_dir: Path, model, settings: dict, base: str | None) -> None:
-    """A checkpoint in out_dir is resumed only by a run with the same LoRA layers, settings and
-    base model; say so plainly rather than fail deep inside the weight loading."""
+def check_resumable(out_dir: Path, model, settings: dict, base: str | None, run_file: str = RUN_FILE) -> None:
+    """A checkpoint in out_dir is resumed only by a run with the same LoRA layers, settings (those
+    of the stage: LoRA's, DPO's beta, ...) and base model; say so plainly rather than fail deep
+    inside the weight loading."""
     found = find_resume_state(out_dir / CHECKPOINT_SUBDIR)
     if found is None:
         return
-    saved = read_json(out_dir / RUN_FILE, "LoRA run settings") if (out_dir / RUN_FILE).is_file() else None
+    saved = read_json(out_dir / run_file, "run settings") if (out_dir / run_file).is_file() else None
     now = {**settings, "base": base}
     if saved is not None and saved != now:
         changed = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in now if saved.get(k) != now.get(k))
-        raise ConfigError(f"the checkpoint in {found} was made with other LoRA settings ({changed}); run with the "
-                          "same --lora-* flags and --init-from to resume, or pass --no-resume to start over")
+        raise ConfigError(f"the checkpoint in {found} was made with other settings ({changed}); run with the "
+                          "same flags and --init-from to resume, or pass --no-resume to start over")
     if not (found / WEIGHTS_FILE).is_file():  # an FSDP checkpoint (sharded): the trainer checks it on load
         return
     from safetensors import SafetensorError, safe_open

@@ -1,10 +1,12 @@
-"""THE training loop, shared by every stage (pretraining, SFT, LoRA).
+"""THE training loop, shared by every stage (pretraining, SFT, LoRA, DPO, GRPO).
 
-A stage hands `Trainer` a model, its training (and validation) windows and a TrainConfig; the
-trainer owns everything else: device and precision, distributed data parallel under torchrun,
-gradient accumulation, the learning-rate schedule, clipping, evaluation (loss and bits per byte),
-logging (tqdm bar + metrics.jsonl, and TensorBoard or W&B through train/tracking.py), checkpoints
-and exact resume, and Ctrl-C handling.
+A stage hands `Trainer` a model, its training (and validation) windows, a TrainConfig and, when it
+minimises something other than next-token cross-entropy, an `Objective` (the loss of a batch: DPO's
+preference loss, GRPO's policy-gradient loss); the trainer owns everything else: device and
+precision, distributed data parallel under torchrun, gradient accumulation, the learning-rate
+schedule, clipping, evaluation (loss and bits per byte, or the objective's own figures), logging
+(tqdm bar + metrics.jsonl, and TensorBoard or W&B through train/tracking.py), checkpoints and
+exact resume, and Ctrl-C handling.
 
 Exact resume: the data order is a pure function of (seed, epoch) and the position is the step
 number, so a resumed run draws the same batches in the same order; weights and optimizer state
@@ -45,11 +47,48 @@ os.umask(_UMASK)
 
 
 class Windows(Protocol):
-    """What the trainer needs of a dataset: a size and batches by window index."""
+    """What the trainer needs of a dataset: a size and batches by window index. A batch is what
+    the run's Objective takes: (inputs, targets) for the default one."""
 
     num_samples: int
 
-    def get_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def get_batch(self, indices: list[int]) -> Any: ...
+
+
+class Objective:
+    """What a stage minimises over a batch. This default is next-token cross-entropy over the
+    trained tokens (pretraining, SFT, LoRA); DPO and GRPO supply their own subclass. Models that
+    the objective holds besides the trained one (a frozen reference) are neither optimised nor
+    saved: the trainer only knows the model it was given."""
+
+    def units(self, batch: Any) -> int:
+        """How many things the batch's loss is a mean over (trained tokens; pairs; completions).
+        Micro-batches and ranks are weighted by it, so a step's loss is the mean over the global
+        batch however it is split."""
+        _, targets = batch
+        return int((targets != IGNORE_INDEX).sum())
+
+    def describe_batch(self, samples: int, seq_len: int) -> str:
+        """A global batch of `samples` samples in words, for the start line."""
+        return f"{samples} windows x {seq_len} tokens"
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss: the mean over the batch's units, auxiliary loss added as it is, metrics: means
+        over the units, logged with the loss)."""
+        inputs, targets = batch
+        _, loss, aux_loss = model(inputs, labels=targets)
+        return loss, aux_loss, {}
+
+
+def batch_to(batch: Any, device: torch.device) -> Any:
+    """A batch (a tensor, or a tuple, list or dict of them and other values) on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(batch_to(item, device) for item in batch)
+    if isinstance(batch, dict):
+        return {key: batch_to(value, device) for key, value in batch.items()}
+    return batch
 
 
 # ---- device, precision, peak FLOP/s ------------------------------------------------------------
@@ -364,8 +403,10 @@ class Trainer:
                  val_data: Windows | None = None, token_bytes: torch.Tensor | None = None,
                  save_model: Callable[[EtudeModel, Path], Any] | None = None,
                  sample_ids: list[int] | None = None, decode: Callable[[list[int]], str] | None = None,
-                 stop_ids: tuple[int, ...] = ()):
+                 stop_ids: tuple[int, ...] = (), objective: Objective | None = None):
         self.cfg = cfg
+        self.objective = objective or Objective()
+        self.step_metrics: dict[str, float] = {}
         self.device = pick_device(cfg.device)
         self.dtype = pick_dtype(self.device, cfg.dtype)
         self.dist = Dist(self.device)
@@ -494,6 +535,8 @@ class Trainer:
         (a fixed set, so evaluations are comparable across a run)."""
         if self.val_data is None:
             return None
+        if type(self.objective) is not Objective:
+            return self._evaluate_objective()
         self.model.eval()
         count = min(self.val_data.num_samples, self.cfg.eval_batches * self.cfg.batch_size)
         total_nats = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -524,6 +567,26 @@ class Trainer:
         if self.token_bytes is not None and float(total_bytes) > 0:
             result["val_bpb"] = float(total_nats / math.log(2) / total_bytes)
         return result
+
+    def _evaluate_objective(self) -> dict[str, float]:
+        """A stage's own objective on the first eval_batches * batch_size validation samples: its
+        loss and metrics as means over their units, prefixed val_."""
+        self.model.eval()
+        count = min(self.val_data.num_samples, self.cfg.eval_batches * self.cfg.batch_size)
+        totals: dict[str, torch.Tensor] = {}
+        units = torch.zeros((), dtype=torch.float64, device=self.device)
+        batch_size, world = self.cfg.batch_size, self.dist.world_size
+        for start in list(range(0, count, batch_size))[self.dist.rank::world]:
+            batch = batch_to(self.val_data.get_batch(list(range(start, min(start + batch_size, count)))), self.device)
+            n = self.objective.units(batch)
+            with self._autocast():
+                loss, _, metrics = self.objective(self.model, batch)
+            for key, value in {"loss": loss, **metrics}.items():
+                totals[key] = totals.get(key, 0) + value.detach().double() * n
+            units += n
+        self.model.train()
+        units = self.dist.sum(units).clamp(min=1)
+        return {f"val_{key}": float(self.dist.sum(total) / units) for key, total in totals.items()}
 
     def sample_text(self) -> str | None:
         """The sample prompt and the model's continuation, decoded as one text (decoding the two
@@ -705,7 +768,7 @@ class Trainer:
         against = f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else peak_source
         self._log(f"{cfg.stage}: {n_params / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable) on "
                   f"{self.device} in {str(self.dtype).replace('torch.', '')}, {self.dist.world_size} rank(s); "
-                  f"{self.total_steps} steps x {self.global_batch} windows x {cfg.seq_len} tokens "
+                  f"{self.total_steps} steps x {self.objective.describe_batch(self.global_batch, cfg.seq_len)} "
                   f"({self.steps_per_epoch} steps/epoch); {against}")
         summary: dict[str, Any] = {"start_step": start_step, "total_steps": self.total_steps}
         progress = Progress()
@@ -745,7 +808,7 @@ class Trainer:
                 progress.step(time.perf_counter() - started)
                 step += 1
                 tokens_per_sec = tokens_per_step / progress.seconds_per_step
-                record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                record = {"step": step, "loss": loss, **self.step_metrics, "lr": lr, "grad_norm": grad_norm,
                           "tokens_per_sec": round(tokens_per_sec, 1)}
                 speed = {"tok_s": f"{tokens_per_sec:,.0f}"}
                 if peak:
@@ -839,21 +902,25 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         batches = [self.train_data.get_batch(indices) for indices in self.micro_batches(step)]
-        local_tokens = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in batches)
-        global_tokens = float(self.dist.sum(torch.tensor(float(local_tokens), device=self.device)))
+        local_units = sum(self.objective.units(batch) for batch in batches)
+        global_units = float(self.dist.sum(torch.tensor(float(local_units), device=self.device)))
         total_loss = torch.zeros((), device=self.device)
-        for index, (inputs, targets) in enumerate(batches):
-            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            share = int((targets != IGNORE_INDEX).sum()) * self.dist.world_size / max(global_tokens, 1.0)
+        totals: dict[str, torch.Tensor] = {}
+        for index, batch in enumerate(batches):
+            batch = batch_to(batch, self.device)
+            share = self.objective.units(batch) * self.dist.world_size / max(global_units, 1.0)
             syncing = index == len(batches) - 1 or not self.dist.enabled
             if self.fsdp:  # FSDP2 reduce-scatters only after the last micro-batch
                 self.model.set_requires_gradient_sync(syncing)
             with (contextlib.nullcontext() if syncing or self.fsdp else self.step_model.no_sync()):
                 with self._autocast():
-                    _, loss, aux_loss = self.step_model(inputs, labels=targets)
+                    loss, aux_loss, metrics = self.objective(self.step_model, batch)
                     scaled = (loss * share + aux_loss / len(batches))
                 self.scaler.scale(scaled).backward()
             total_loss += loss.detach() * share / self.dist.world_size
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0) + value.detach().float() * share / self.dist.world_size
+        self.step_metrics = {key: float(self.dist.sum(total)) for key, total in totals.items()}
         loss_value = float(self.dist.sum(total_loss))
         if not math.isfinite(loss_value):
             return self._skip_nonfinite(step, f"the loss is {loss_value}", loss_value, lr)

@@ -33,6 +33,8 @@ TARGET_DELIMITER = " "      # between a multiple-choice prompt and each choice, 
 SYNTHETIC_COUNT = 100      # problems per synthetic task unless --limit says otherwise
 CONTINUATION_CHOICES = 4
 CHAT_MAX_NEW_TOKENS = 64
+REPEAT_NGRAM = 3           # a reply that says the same 3 words twice repeats itself (degenerate_reply)
+_UNITS = re.compile(r"[\u3400-\u9fff]|[^\s\u3400-\u9fff]+")  # a CJK character, or a run of other non-space
 CODE_MAX_NEW_TOKENS = 256
 # HumanEval's usual stop sequences: a completion ends where the next top-level statement begins.
 CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
@@ -46,7 +48,8 @@ DESCRIPTIONS = {
     "mmlu": "MMLU: 57 subjects of professional and academic multiple-choice questions (letter answers)",
     "piqa": "PIQA: physical commonsense, the better of two solutions to a goal",
     "mc": "multiple choice from a {query, choices, gold} JSONL file",
-    "chat": "held-out SFT conversations: the final assistant answer, greedy, normalised exact match (and token F1)",
+    "chat": "held-out SFT conversations: the final assistant answer, greedy, normalised exact match (and token F1; "
+            "degenerate: share of answers that repeat 3 words or never end)",
     "arithmetic": "seeded two-number +, -, * problems; the last integer of the reply's first line must be right",
     "counting": "seeded counting problems (letters in a word, words in a list)",
     "spelling": "seeded spelling problems (a word backwards, the n-th letter of a word)",
@@ -249,12 +252,29 @@ def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-def exact_metrics(task: Task, replies: list[str]) -> dict[str, float]:
+def degenerate_reply(text: str, ended: bool) -> str | None:
+    """Why a reply is degenerate, None when it is not: it never ends its turn (no end-of-turn
+    token within the answer budget), or it repeats itself (some REPEAT_NGRAM consecutive words -
+    characters, in Chinese text - occur twice or more, lowercased). The chat task's `degenerate`
+    share and the demo's preference pairs (tool/preference_data.py) use this one rule."""
+    if not ended:
+        return "never ends its turn"
+    units = _UNITS.findall(text.lower())
+    grams = Counter(tuple(units[i:i + REPEAT_NGRAM]) for i in range(len(units) - REPEAT_NGRAM + 1))
+    repeated = [gram for gram, count in grams.items() if count >= 2]
+    return f"repeats {' '.join(repeated[0])!r}" if repeated else None
+
+
+def exact_metrics(task: Task, replies: list[str], ended: list[bool] | None = None) -> dict[str, float]:
+    """exact_match (and for chat token F1, and with `ended` the share of degenerate replies)."""
     n = max(len(replies), 1)
     if isinstance(task.examples[0], ChatQuestion):
         refs = [q.answer for q in task.examples]
-        return {"exact_match": sum(normalize_answer(r) == normalize_answer(a) for r, a in zip(replies, refs)) / n,
-                "f1": sum(token_f1(r, a) for r, a in zip(replies, refs)) / n}
+        scores = {"exact_match": sum(normalize_answer(r) == normalize_answer(a) for r, a in zip(replies, refs)) / n,
+                  "f1": sum(token_f1(r, a) for r, a in zip(replies, refs)) / n}
+        if ended is not None:
+            scores["degenerate"] = sum(degenerate_reply(r, e) is not None for r, e in zip(replies, ended)) / n
+        return scores
     return {"exact_match": sum(reward(p, r) for p, r in zip(task.examples, replies)) / n}
 
 
