@@ -57,6 +57,7 @@ from config import DATA_DIR, PRETRAIN_DATA, PRETRAIN_VAL_DATA, SFT_DATA, SFT_VAL
 from model.checkpoint import atomic_write
 from tool.textio import Reader, compression
 from model.chat_formats import Rejected, rejection_text, to_conversation
+from tool.tool_use_data import tool_use_conversations
 
 PRETRAIN_VAL_FRACTION = 0.02
 SFT_VAL_FRACTION = 0.05
@@ -565,9 +566,13 @@ def write_demo_corpus(args: argparse.Namespace) -> None:
     qa_train, qa_val = split_validation(qa_groups, fraction, 1, rng, "Q&A conversations")
     train += qa_train * QA_REPEATS
     val += qa_val
+    # tool calls and thinking traces (training only: the validation set stays the demo chats)
+    tool_use = tool_use_conversations(args.seed, [m for m in train if m[0]["role"] != "system"])
+    train += tool_use
     rng.shuffle(train)
     print(f"  chatterbot Q&A: {len(qa_train):,} training conversations x {QA_REPEATS}, "
           f"{len(qa_val):,} for validation")
+    print(f"  tool use and thinking (tool/tool_use_data.py): {len(tool_use):,} training conversations")
     write_jsonl(out / SFT_DATA.name, [{"conversations": messages} for messages in train])
     write_jsonl(out / SFT_VAL_DATA.name, [{"conversations": messages} for messages in val])
     write_jsonl(out / LORA_IDENTITY_FILE, [{"conversations": m} for m in lora_identity(args.seed, train)])
