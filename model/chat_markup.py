@@ -248,3 +248,96 @@ def parse_reply(text: str, tool_names: set[str] | None = None, parse_calls: bool
     if TOOL_CALL_OPEN in content[position:]:
         reply.malformed.append("a <tool_call> without its closing </tool_call>")
     return reply
+
+
+class ReplyStream:
+    """parse_reply as the text arrives, for streaming: push() pieces of a generated reply and get
+    events back, ("reasoning", text), ("content", text) and ("tool_call", ToolCall); finish()
+    flushes what is held. Text that may be the start of a marker is held until it is known not
+    to be; a <tool_call> block is held until its </tool_call> and then becomes a call, or content
+    when malformed (as parse_reply decides). Whitespace before a call is not sent as content.
+
+    `thinking` says whether a reply may open with <think> (not when the prompt already closed it)."""
+
+    def __init__(self, tool_names: set[str] | None = None, parse_calls: bool = True, thinking: bool = True):
+        self.tool_names, self.parse_calls = tool_names, parse_calls
+        self.state = "start" if thinking else "content"
+        self.buffer, self.gap = "", ""
+        self.reasoning_sent = False
+        self.calls: list[ToolCall] = []
+        self.malformed: list[str] = []
+
+    def push(self, piece: str) -> list[tuple[str, Any]]:
+        self.buffer += piece
+        return self._drain(final=False)
+
+    def finish(self) -> list[tuple[str, Any]]:
+        return self._drain(final=True)
+
+    def _drain(self, final: bool) -> list[tuple[str, Any]]:
+        events: list[tuple[str, Any]] = []
+        while True:
+            before = (self.state, len(self.buffer))
+            if self.state == "start":
+                stripped = self.buffer.lstrip()
+                if stripped.startswith(THINK_OPEN):
+                    self.buffer, self.state = stripped[len(THINK_OPEN):].lstrip("\n"), "reasoning"
+                elif final or (stripped and not THINK_OPEN.startswith(stripped)):
+                    self.state = "content"
+            elif self.state == "reasoning":
+                if not self.reasoning_sent:
+                    self.buffer = self.buffer.lstrip("\n")
+                if THINK_CLOSE in self.buffer:
+                    reasoning, self.buffer = self.buffer.split(THINK_CLOSE, 1)
+                    events.append(("reasoning", reasoning.rstrip("\n")))
+                    self.state = "after_think"
+                else:
+                    keep = len(self.buffer) if final else _held(self.buffer, THINK_CLOSE, strip="\n")
+                    events.append(("reasoning", self.buffer[:keep]))
+                    self.reasoning_sent = self.reasoning_sent or keep > 0
+                    self.buffer = self.buffer[keep:]
+            elif self.state == "after_think":
+                self.buffer = self.buffer.lstrip("\n")
+                if self.buffer or final:
+                    self.state = "content"
+            elif self.state == "content":
+                opened = self.buffer.find(TOOL_CALL_OPEN) if self.parse_calls else -1
+                if opened >= 0:
+                    text, self.buffer, self.state = self.buffer[:opened], self.buffer[opened:], "call"
+                    sent = text.rstrip() if not self.calls else text.strip()
+                    self.gap = text[len(text.rstrip()):]  # sent only if the block is no call
+                    events.append(("content", sent))
+                else:
+                    keep = len(self.buffer) if final else _held(self.buffer, TOOL_CALL_OPEN if self.parse_calls
+                                                                else None, strip=" \n\t")
+                    text, self.buffer = self.buffer[:keep], self.buffer[keep:]
+                    events.append(("content", text.lstrip() if self.calls else text))
+            elif self.state == "call":
+                closed = self.buffer.find(TOOL_CALL_CLOSE)
+                if closed >= 0 or final:
+                    end = closed + len(TOOL_CALL_CLOSE) if closed >= 0 else len(self.buffer)
+                    block, self.buffer = self.buffer[:end], self.buffer[end:]
+                    call = read_call(block[len(TOOL_CALL_OPEN):-len(TOOL_CALL_CLOSE)].strip(), self.tool_names) \
+                        if closed >= 0 else "a <tool_call> without its closing </tool_call>"
+                    if isinstance(call, ToolCall):
+                        self.calls.append(call)
+                        events.append(("tool_call", call))
+                    else:
+                        self.malformed.append(f"{block[:200]}: {call}")
+                        events.append(("content", self.gap + block))
+                    self.state = "content"
+            if (self.state, len(self.buffer)) == before:
+                break
+        return [(kind, data) for kind, data in events if data != ""]
+
+
+def _held(text: str, marker: str | None, strip: str) -> int:
+    """How much of `text` can be sent now: all but a tail that may begin `marker`, and (for
+    content) trailing whitespace, which is sent once text follows it."""
+    keep = len(text)
+    if marker:
+        for size in range(min(len(marker) - 1, len(text)), 0, -1):
+            if marker.startswith(text[-size:]):
+                keep = len(text) - size
+                break
+    return len(text[:keep].rstrip(strip))

@@ -189,8 +189,8 @@ class EtudeTokenizer:
         return list(self._token_bytes)
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
-                    tools: list[dict] | None = None,
-                    enable_thinking: bool | None = None) -> tuple[list[int], list[int]]:
+                    tools: list[dict] | None = None, enable_thinking: bool | None = None,
+                    reply_prefix: str = "") -> tuple[list[int], list[int]]:
         """Token ids of a conversation in ChatML and its training mask: 1 on assistant content
         and the <|im_end|> that closes it, 0 elsewhere (<|im_start|>assistant\\n, the newline
         after <|im_end|>, system and user turns, the generation prompt).
@@ -203,12 +203,14 @@ class EtudeTokenizer:
         block; assistant messages may carry `tool_calls` and `reasoning_content`, and `tool` messages
         hold results (model/chat_markup.py). enable_thinking=False ends the generation prompt with
         an empty <think></think> block so that the model answers without reasoning; True or None
-        leaves the choice to the model. Both are the template's variables of the same names."""
-        return self.render_chats([messages], add_generation_prompt, tools, enable_thinking)[0]
+        leaves the choice to the model. Both are the template's variables of the same names.
+        `reply_prefix` is text the reply starts with, after the generation prompt (a tool call
+        forced by the server), encoded with it as one piece like an assistant message's text."""
+        return self.render_chats([messages], add_generation_prompt, tools, enable_thinking, reply_prefix)[0]
 
     def render_chats(self, conversations: list[list[dict[str, Any]]], add_generation_prompt: bool = False,
-                     tools: list[dict] | None = None,
-                     enable_thinking: bool | None = None) -> list[tuple[list[int], list[int]]]:
+                     tools: list[dict] | None = None, enable_thinking: bool | None = None,
+                     reply_prefix: str = "") -> list[tuple[list[int], list[int]]]:
         """render_chat() over many conversations, their messages encoded in one parallel batch
         (what the SFT token cache is built with)."""
         conversations = [as_plain(messages, tools) for messages in conversations]
@@ -236,7 +238,7 @@ class EtudeTokenizer:
                 mask += [0] * (1 + n_header) + [trained] * (len(body) - n_header + 1) + [0] * len(newline)
             if add_generation_prompt:
                 thinking_off = NO_THINKING if enable_thinking is False else ""
-                prompt = [self.im_start_id] + self.encode("assistant\n" + thinking_off)
+                prompt = [self.im_start_id] + self.encode("assistant\n" + thinking_off + reply_prefix)
                 ids += prompt
                 mask += [0] * len(prompt)
             rendered.append((ids, mask))
