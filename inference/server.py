@@ -15,7 +15,11 @@ Who gets in: with --api-key, --api-key-file or $ETUDE_API_KEY every /v1 route wa
 Content-Type: application/json (415 otherwise), so no web page can post to the server with a plain
 form. CORS is off; --allowed-origins opens it to the pages named.
 
-Requests: messages (roles system, developer (= system), user, assistant; text content), model
+Requests: messages (roles system, developer (= system), user, assistant (with tool_calls), tool;
+text content), tools (function tools) and tool_choice ("auto", "none", "required" or a named
+function; the model's calls come back as tool_calls with finish_reason "tool_calls", streamed as
+OpenAI streams them; a malformed call comes back as text), chat_template_kwargs.enable_thinking
+(false: answer without a <think> block; reasoning comes back as reasoning_content), model
 (optional; another name than the served one is a 404 model_not_found), temperature 0 or
 [1e-5, 2], top_p [1e-6, 1], max_tokens / max_completion_tokens >= 1, stop (a string or up to 4),
 seed (same seed, same text), n = 1 only, stream, stream_options.include_usage; as vLLM accepts

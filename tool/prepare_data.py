@@ -9,6 +9,8 @@ Writes (into --out-dir, default training_data/), each file atomically:
     pretrain.jsonl, pretrain.val.jsonl    {"text": "..."} per line
     sft.jsonl, sft.val.jsonl              {"conversations": [{"role": "system|user|assistant",
                                                             "content": "..."}, ...]} per line
+                                          (demo: also tool-use and thinking conversations, role
+                                          "tool" included: tool/tool_use_data.py)
     lora_identity.jsonl                   (demo only) a LoRA demo: the assistant becomes "Mira"
                                           (identity chats mixed with SFT chats it must not forget)
 
