@@ -150,6 +150,12 @@ def test_demo_corpus_is_deterministic(tmp_path):
 
     sft = read_jsonl(first / "sft.jsonl")
     val = read_jsonl(first / "sft.val.jsonl")
+    # the synthetic tool-use and thinking chats (tool/tool_use_data.py) are training-only extras
+    def is_synthetic(record: dict) -> bool:
+        return record["conversations"][0]["content"].startswith("# Tools") \
+            or any("<think>" in m["content"] for m in record["conversations"])
+    assert sum(map(is_synthetic, sft)) == 4300 and not any(map(is_synthetic, val))
+    sft = [r for r in sft if not is_synthetic(r)]
     distinct = {json.dumps(r, sort_keys=True) for r in sft}
     assert 0.04 < len(val) / (len(distinct) + len(val)) < 0.06
     # chatterbot's Q&A (the demo's facts) is repeated in training, chitchat is not
