@@ -568,12 +568,13 @@ def write_demo_corpus(args: argparse.Namespace) -> None:
     qa_train, qa_val = split_validation(qa_groups, fraction, 1, rng, "Q&A conversations")
     train += qa_train * QA_REPEATS
     val += qa_val
+    # tool calls and thinking traces (training only: validation stays the demo chats), mixed in
+    # after the LoRA set has drawn its rehearsal from the ordinary chats
+    tool_use = tool_use_conversations(args.seed, [m for m in train if m[0]["role"] != "system"])
     rng.shuffle(train)
     print(f"  chatterbot Q&A: {len(qa_train):,} training conversations x {QA_REPEATS}, "
           f"{len(qa_val):,} for validation")
-    lora = lora_identity(args.seed, train)  # rehearses ordinary chats
-    # tool calls and thinking traces, mixed in (training only: validation stays the demo chats)
-    tool_use = tool_use_conversations(args.seed, [m for m in train if m[0]["role"] != "system"])
+    lora = lora_identity(args.seed, train)
     train += tool_use
     random.Random(f"etude-tool-use-mix:{args.seed}").shuffle(train)
     print(f"  tool use and thinking (tool/tool_use_data.py): {len(tool_use):,} training conversations")
