@@ -178,14 +178,14 @@ def converse(chat: Chat, messages: list[dict], on_piece: Callable[[str], None] |
     `on_piece` gets the text as it streams, `on_call(name, arguments, result)` each call."""
     added: list[dict] = []
     names = tool_names(chat.tools) if chat.tools else None
-    for _ in range(MAX_TOOL_ROUNDS + 1):
+    for round_ in range(MAX_TOOL_ROUNDS + 1):
         pieces = []
         for piece in chat.stream(messages + added):
             pieces.append(piece)
             if on_piece:
                 on_piece(piece)
         reply = parse_reply("".join(pieces), names, parse_calls=bool(chat.tools))
-        if not reply.tool_calls or len(added) >= 2 * MAX_TOOL_ROUNDS:
+        if not reply.tool_calls or round_ == MAX_TOOL_ROUNDS:
             added.append({"role": "assistant", "content": "".join(pieces)})
             return added
         calls = [{"id": f"call_{len(added)}_{i}", "type": "function",
@@ -502,6 +502,10 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
             return 2
     if args.batch_size <= 0 or args.max_new_tokens <= 0:
         print("error: --batch-size and --max-new-tokens must be positive", file=sys.stderr)
+        return 2
+    if getattr(args, "tools", False) and args.input:
+        print("error: --tools runs tools in the interactive chat and with --prompt, not in batch mode (--input); "
+              "drop one of them (tool/evaluate.py --tools runs them over many questions)", file=sys.stderr)
         return 2
     problems = sampling_problems(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
     if problems:
