@@ -73,13 +73,14 @@ class HFChat:
     stream, answer, answer_batch. Generation stops at the ids in generation_config.json
     (<|im_end|> and <|endoftext|> for an Etude export)."""
 
+    tools: list[dict] | None = None  # as inference.Chat's: the template's variables
+    enable_thinking: bool | None = None
+
     def __init__(self, model, tokenizer, max_new_tokens: int = 256, temperature: float = 0.7,
                  top_k: int | None = 40, top_p: float | None = 0.9, repetition_penalty: float = 1.1,
                  seed: int | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_new_tokens = max_new_tokens
-        self.tools: list[dict] | None = None  # as inference.Chat's
-        self.enable_thinking: bool | None = None
         self.context = model.config.max_position_embeddings
         eos = model.generation_config.eos_token_id
         self.stop_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
