@@ -25,7 +25,8 @@ or a Hugging Face folder (weight/etude_hf_model, or any causal LM that transform
 --tools offers the built-in tools (calculator, date; model/builtin_tools.py) in the exact-answer
 tasks: the calls a model makes are run and their results fed back (up to 4 rounds), and the task
 also reports tool_use, the share of examples where the model called a tool. --no-think closes the
-<think> block in the prompt. A reply's answer is read after its </think>, if it thinks.
+<think> block in the prompt. A reply's answer is read after its </think>, if it thinks; exact-answer
+tasks report `thinking`, the share of first replies that opened a <think> block.
 
 Multiple-choice tasks report lm-evaluation-harness's acc and acc_norm. Nothing is downloaded.
 --json writes every figure to a file; --report DIR writes report.md with plots.
@@ -86,14 +87,16 @@ def _generate_texts(model: EvalModel, prompts: list[list[int]], max_new_tokens: 
 
 
 def _answers(model: EvalModel, conversations: list[list[dict]], max_new_tokens: int, batch_size: int, bar: tqdm,
-             tools: list[dict] | None, enable_thinking: bool | None) -> tuple[list[str], list[int]]:
-    """Greedy answers (reasoning left out) and the number of tool calls each took. With tools,
+             tools: list[dict] | None, enable_thinking: bool | None) -> tuple[list[str], list[int], int]:
+    """Greedy answers (reasoning left out), the number of tool calls each took and how many
+    answers opened with a <think> block. With tools,
     the calls in a reply are run and the conversation goes on, all unfinished ones batched
     together each round, as inference.converse does one at a time."""
     names = tool_names(tools) if tools else None
     conversations = [list(messages) for messages in conversations]
     answers: list[str] = [""] * len(conversations)
     calls = [0] * len(conversations)
+    thought = 0
     active = list(range(len(conversations)))
     for round_ in range(MAX_TOOL_ROUNDS + 1):
         prompts = [model.chat_ids(conversations[i], tools, enable_thinking) for i in active]
@@ -101,6 +104,7 @@ def _answers(model: EvalModel, conversations: list[list[dict]], max_new_tokens: 
         waiting = []
         for i, text in zip(active, texts):
             reply = parse_reply(text, names, parse_calls=bool(tools))
+            thought += reply.reasoning is not None and round_ == 0
             if reply.tool_calls and round_ < MAX_TOOL_ROUNDS:
                 calls[i] += len(reply.tool_calls)
                 conversations[i].append({"role": "assistant", "content": reply.content, "tool_calls": [
@@ -113,7 +117,7 @@ def _answers(model: EvalModel, conversations: list[list[dict]], max_new_tokens: 
         active = waiting
         if not active:
             break
-    return answers, calls
+    return answers, calls, thought
 
 
 def run_task(model: EvalModel, task: Task, batch_size: int, allow_code: bool = False,
@@ -131,9 +135,11 @@ def run_task(model: EvalModel, task: Task, batch_size: int, allow_code: bool = F
             return {**choice_metrics(task.examples, lls), "n": len(task.examples)}
         if task.kind == "exact":
             budget = CHAT_MAX_NEW_TOKENS if task.name == "chat" else SYNTHETIC_MAX_NEW_TOKENS
-            replies, calls = _answers(model, exact_prompts(task), budget, batch_size, bar, tools, enable_thinking)
+            replies, calls, thought = _answers(model, exact_prompts(task), budget, batch_size, bar, tools,
+                                               enable_thinking)
             used = {"tool_use": sum(1 for c in calls if c) / max(len(calls), 1)} if tools else {}
-            return {**exact_metrics(task, replies), **used, "n": len(replies)}
+            return {**exact_metrics(task, replies), **used, "thinking": thought / max(len(replies), 1),
+                    "n": len(replies)}
         if not allow_code:
             raise PermissionError("the humaneval task runs model-written code; add --allow-code-execution "
                                   "to run it (in a separate process with time, memory and network limits)")
