@@ -10,8 +10,11 @@ Chat format (ChatML), one block per message:
 
     <|im_start|>{role}\\n{content}<|im_end|>\\n
 
-and `<|im_start|>assistant\\n` as the generation prompt. CHAT_TEMPLATE is the same format in
-Jinja, stored in tokenizer_config.json so that `transformers` renders identical ids.
+and `<|im_start|>assistant\\n` as the generation prompt. Tool lists, tool calls, `tool` results and
+<think> reasoning are written into the blocks' text as model/chat_markup.py documents (roles
+system, user, assistant, tool). CHAT_TEMPLATE is the same format in Jinja, stored in
+tokenizer_config.json so that `transformers` renders identical ids (a tokenizer trained before
+tools were added holds the plain ChatML template; tool/convert_hf.py exports the current one).
 
 Only `tokenizers` and the standard library are imported here (no torch), so data tools and
 servers can tokenize cheaply.
