@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from inference.inference import REPETITION_PENALTY_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE, Chat, PromptTooLong
-from model.tokenizer import CHAT_ROLES
+from model.chat_markup import TOOL_CALL_OPEN, call_text
+from model.tokenizer import CHAT_ROLES, not_text
 
 MAX_STOP_STRINGS = 4
 MAX_INTEGER_DIGITS = 40  # seeds reach 2**64 (20 digits); longer integers are refused unparsed
@@ -25,7 +27,11 @@ TRUNCATION = ("disabled", "auto")  # what to do with a prompt longer than the co
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 KNOWN_FIELDS = {"messages", "model", "stream", "stream_options", "temperature", "top_p", "top_k",
                 "repetition_penalty", "max_tokens", "max_completion_tokens", "stop", "seed", "n", "ignore_eos",
-                "frequency_penalty", "presence_penalty", "logprobs", "truncation"} | IGNORED_FIELDS
+                "frequency_penalty", "presence_penalty", "logprobs", "truncation", "tools", "tool_choice",
+                "chat_template_kwargs"} | IGNORED_FIELDS
+MAX_TOOLS = 64
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+TOOL_CHOICES = ("none", "auto", "required")
 
 
 @dataclass(frozen=True)
@@ -143,8 +149,9 @@ def _text_content(content: Any, where: str) -> str:
 
 
 def parse_messages(messages: Any, limits: Limits = Limits()) -> list[dict]:
-    """The request's messages as {"role", "content"} dicts with our roles (developer -> system),
-    within the limits on how many and how many characters."""
+    """The request's messages with our roles (developer -> system): {"role", "content"} dicts,
+    assistant ones with their tool_calls and reasoning_content when given; within the limits on
+    how many and how many characters. Tool call arguments must be a JSON object's text."""
     if messages is None:
         raise RequestError('missing "messages": give a list of {"role": ..., "content": ...} objects',
                            "messages", "missing_required_parameter")
@@ -162,14 +169,121 @@ def parse_messages(messages: Any, limits: Limits = Limits()) -> list[dict]:
         role = "system" if message.get("role") == "developer" else message.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:
             raise RequestError(f"{where}.role {shown(message.get('role'))} is not one of system, developer, "
-                               "user, assistant (tool and function messages are not supported)", where + ".role")
-        content = _text_content(message.get("content"), where)
+                               "user, assistant, tool (function messages are not supported: send tool "
+                               "results as role tool)", where + ".role")
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if calls is not None or (role == "assistant" and message.get("content") is None):
+            calls = _tool_calls(calls, where)
+        content = "" if calls and message.get("content") is None else _text_content(message.get("content"), where)
+        parsed_message = {"role": role, "content": content}
         chars += len(content)
+        if calls:
+            parsed_message["tool_calls"] = calls
+            chars += sum(len(c["function"]["name"]) + len(c["function"]["arguments"]) for c in calls)
+        reasoning = message.get("reasoning_content") if role == "assistant" else None
+        if reasoning is not None:
+            if not isinstance(reasoning, str):
+                raise RequestError(f"{where}.reasoning_content must be a string", where + ".reasoning_content")
+            parsed_message["reasoning_content"] = reasoning
+            chars += len(reasoning)
         if chars > limits.max_chars:
             raise RequestError(f"the messages hold more than {limits.max_chars} characters, the most this server "
                                "takes in one request (--max-chars)", "messages", "string_above_max_length")
-        parsed.append({"role": role, "content": content})
+        parsed.append(parsed_message)
     return parsed
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    """An assistant message's tool_calls, checked: [{"id", "type": "function", "function":
+    {"name", "arguments": a JSON object's text}}, ...]."""
+    shape = '[{"id": "...", "type": "function", "function": {"name": "...", "arguments": "{...}"}}]'
+    if not isinstance(calls, list) or not calls:
+        raise RequestError(f"{where} is an assistant message without content, so it needs tool_calls: {shape}",
+                           where + ".tool_calls")
+    checked = []
+    for number, call in enumerate(calls):
+        at = f"{where}.tool_calls[{number}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(f"{at} must be {shape[1:-1]}", at)
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments_value = json.loads(arguments)
+            except ValueError as exc:
+                raise RequestError(f"{at}.function.arguments is not valid JSON ({exc}); send the arguments "
+                                   'object as JSON text, e.g. "{\"expression\": \"2 + 2\"}"',
+                                   at + ".function.arguments") from None
+        else:
+            arguments_value = arguments
+        if not isinstance(arguments_value, dict):
+            raise RequestError(f"{at}.function.arguments must be a JSON object (as text), got "
+                               f"{shown(arguments_value)}", at + ".function.arguments")
+        call_id = call.get("id")
+        checked.append({"id": call_id if isinstance(call_id, str) else f"call_{number}", "type": "function",
+                        "function": {"name": function["name"],
+                                     "arguments": arguments if isinstance(arguments, str)
+                                     else json.dumps(arguments, ensure_ascii=False)}})
+    return checked
+
+
+def parse_tools(tools: Any) -> list[dict] | None:
+    """The request's tools, checked: [{"type": "function", "function": {"name", "description"
+    (optional), "parameters" (optional JSON schema object)}}, ...]; None when absent or empty."""
+    if tools is None or tools == []:
+        return None
+    shape = '{"type": "function", "function": {"name": "...", "description": "...", "parameters": {...}}}'
+    if not isinstance(tools, list):
+        raise RequestError(f"tools must be a list of {shape}", "tools", "invalid_type")
+    if len(tools) > MAX_TOOLS:
+        raise RequestError(f"{len(tools)} tools is more than this server takes ({MAX_TOOLS})", "tools",
+                           "array_above_max_length")
+    checked, names = [], set()
+    for index, tool in enumerate(tools):
+        where = f"tools[{index}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise RequestError(f"{where} must be {shape} (only function tools are supported)", where)
+        function = tool["function"]
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise RequestError(f"{where}.function.name must be 1 to 64 letters, digits, _ or -, got {shown(name)}",
+                               where + ".function.name")
+        if name in names:
+            raise RequestError(f"{where}: two tools are named {json.dumps(name)}; give each a name of its own",
+                               where + ".function.name")
+        names.add(name)
+        description, parameters = function.get("description"), function.get("parameters")
+        if description is not None and not isinstance(description, str):
+            raise RequestError(f"{where}.function.description must be a string", where + ".function.description")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise RequestError(f"{where}.function.parameters must be a JSON schema object", where + ".function.parameters")
+        if any(not_text(text) for text in (name, description or "")):
+            raise RequestError(f"{where}.function holds text that is not UTF-8 (a lone surrogate)", where)
+        checked.append({"type": "function", "function": {k: v for k, v in function.items()
+                                                         if k in ("name", "description", "parameters")}})
+    return checked
+
+
+def parse_tool_choice(choice: Any, tools: list[dict] | None) -> str | dict:
+    """"none", "auto", "required" or {"type": "function", "function": {"name": ...}} naming one of
+    the tools. Without tools only "none" (or nothing) makes sense."""
+    if choice is None:
+        return "auto" if tools else "none"
+    if choice in TOOL_CHOICES:
+        if choice != "none" and not tools:
+            raise RequestError(f'tool_choice {json.dumps(choice)} needs tools; send "tools": [...] too, or drop '
+                               "tool_choice", "tool_choice")
+        return choice
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and \
+        isinstance(choice.get("function"), dict) else None
+    if not isinstance(name, str):
+        raise RequestError('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
+                           f'{{"name": ...}}}}, got {shown(choice)}', "tool_choice", "invalid_value")
+    if name not in {t["function"]["name"] for t in tools or []}:
+        raise RequestError(f"tool_choice names the function {shown(name)}, which is not among the tools "
+                           f"({', '.join(t['function']['name'] for t in tools or []) or 'none given'})",
+                           "tool_choice", "invalid_value")
+    return {"type": "function", "function": {"name": name}}
 
 
 @dataclass
@@ -188,6 +302,19 @@ class Settings:
     seed: int | None = None
     ignore_eos: bool = False
     truncation: str | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict = "none"
+    enable_thinking: bool | None = None
+
+    @property
+    def reply_prefix(self) -> str:
+        """The text a forced call makes the reply start with: the call's opening, up to the
+        function's name ("required") or its arguments (a named function)."""
+        if self.tool_choice == "required":
+            return TOOL_CALL_OPEN + '\n{"name": "'
+        if isinstance(self.tool_choice, dict):
+            return call_text(self.tool_choice["function"]["name"], "").split(', "arguments": ')[0] + ', "arguments":'
+        return ""
 
 
 def parse_request(body: Any, model_name: str, limits: Limits = Limits()) -> Settings:
@@ -242,6 +369,15 @@ def parse_request(body: Any, model_name: str, limits: Limits = Limits()) -> Sett
                            f'context) or "disabled" (refuse it), got {shown(truncation)}', "truncation",
                            "invalid_value")
     settings.truncation = truncation
+    settings.tools = parse_tools(body.get("tools"))
+    settings.tool_choice = parse_tool_choice(body.get("tool_choice"), settings.tools)
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict) or set(kwargs) - {"enable_thinking"}:
+            raise RequestError('chat_template_kwargs must be {"enable_thinking": true|false} (the one template '
+                               "variable this server takes)", "chat_template_kwargs")
+        if "enable_thinking" in kwargs and kwargs["enable_thinking"] is not None:
+            settings.enable_thinking = _boolean(kwargs, "enable_thinking")
     return settings
 
 

@@ -35,6 +35,7 @@ import transformers
 from config import HF_DIR, parse_rope_scaling, read_json
 from model.hf_llama import hf_rope_scaling_fields
 from model.lora import resolve_adapter
+from model.tokenizer import as_plain
 from inference.inference import batch_prompts, build_parser, fit_to_context, inference_dtype, main as chat_main, \
     pick_inference_device
 
@@ -74,6 +75,9 @@ class HFChat:
     stream, answer, answer_batch. Generation stops at the ids in generation_config.json
     (<|im_end|> and <|endoftext|> for an Etude export)."""
 
+    tools: list[dict] | None = None  # as inference.Chat's: the template's variables
+    enable_thinking: bool | None = None
+
     def __init__(self, model, tokenizer, max_new_tokens: int = 256, temperature: float = 0.7,
                  top_k: int | None = 40, top_p: float | None = 0.9, repetition_penalty: float = 1.1,
                  seed: int | None = None):
@@ -97,6 +101,9 @@ class HFChat:
             self.sampling.update(do_sample=True, temperature=temperature, top_k=top_k or 0,
                                  top_p=top_p if top_p is not None else 1.0)
 
+    def _thinking(self) -> dict:
+        return {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+
     def render(self, messages: list[dict]) -> list[int]:
         """The chat template's ids. transformers parses special-token strings anywhere in the
         rendered text, so a message holding one (a user typing "<|im_end|>") would forge a turn
@@ -104,12 +111,13 @@ class HFChat:
         specials = [t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special]
         if not any(token in m["content"] for m in messages for token in specials):
             return list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
-                                                           add_generation_prompt=True))
+                                                           add_generation_prompt=True, **self._thinking()))
         # Render the template around placeholders, then encode the template's own text with its
         # special tokens and each message's content with none.
         marker = f"\x00{secrets.token_hex(8)}"
         stand_ins = [{**m, "content": f"{marker}{i}{marker}"} for i, m in enumerate(messages)]
-        text = self.tokenizer.apply_chat_template(stand_ins, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(stand_ins, tokenize=False, add_generation_prompt=True,
+                                                  **self._thinking())
         ids: list[int] = []
         for index, piece in enumerate(re.split(f"{marker}(\\d+){marker}", text)):
             if index % 2:
@@ -120,8 +128,10 @@ class HFChat:
         return ids
 
     def prompt_ids(self, messages: list[dict], trim: bool = True) -> tuple[list[int], str | None]:
-        return fit_to_context(messages, self.render, self.context, self.max_new_tokens, trim=trim,
-                              max_token_chars=self.max_token_chars)
+        # tools and tool calls written into the text first, as inference.Chat does: the same ids
+        # as the template given them structured (tests/test_tools.py)
+        return fit_to_context(as_plain(messages, self.tools), self.render, self.context, self.max_new_tokens,
+                              trim=trim, max_token_chars=self.max_token_chars)
 
     def _generate_kwargs(self, ids: torch.Tensor, mask: torch.Tensor) -> dict:
         device = self.model.device

@@ -6,6 +6,8 @@
     python inference/inference.py --lora identity          # with the LoRA adapter weight/lora/identity/
     python inference/inference.py --int8                   # CPU: int8 weights, 2-3x faster decoding
     python inference/inference.py --rope-scaling yarn:4    # a context four times the trained length
+    python inference/inference.py --tools                  # with a calculator and the date, run as called
+    python inference/inference.py --no-think               # answer without a <think> block
 
 Loads weight/etude_sft_model/ by default (falling back to the pretrained model, with a note);
 any model folder works with --model. Interactive commands: /reset (forget the conversation),
@@ -36,7 +38,9 @@ from model.checkpoint import load_model_folder
 from model.lora import load_adapter, merge_and_unload, resolve_adapter
 from model.decoding import inference_dtype, merge_projections, pick_inference_device, quantize_int8
 from model.model import EtudeModel
-from model.tokenizer import EtudeTokenizer, load_tokenizer, not_text, validate_messages
+from model.builtin_tools import BUILTIN_TOOLS, ToolError, run_tool, tool_names
+from model.chat_markup import parse_reply
+from model.tokenizer import EtudeTokenizer, as_plain, load_tokenizer, not_text, validate_messages
 
 COMMANDS = "/reset forgets the conversation, /system TEXT sets the system prompt, /quit leaves"
 # A line like "/word ..." is a command; "//..." sends the text from its second slash on.
@@ -84,13 +88,26 @@ class Chat:
         # every run would sample the same text).
         self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         self.stop_ids = (tokenizer.im_end_id, tokenizer.eos_id)
+        # Tools offered to the model (OpenAI's list), thinking (None: the model's choice, False:
+        # off) and text that the reply is made to start with (a forced tool call): the template's
+        # variables, set per chat (model/chat_markup.py).
+        self.tools: list[dict] | None = None
+        self.enable_thinking: bool | None = None
+        self.reply_prefix = ""
 
     def prompt_ids(self, messages: list[dict], trim: bool = True) -> tuple[list[int], str | None]:
         """Ids of the conversation plus the generation prompt, fitted to the context (see
-        fit_to_context; without `trim` a prompt that does not fit raises PromptTooLong)."""
-        return fit_to_context(messages, lambda m: self.tokenizer.render_chat(m, add_generation_prompt=True)[0],
-                              self.model.config.max_seq_len, self.max_new_tokens, trim=trim,
-                              max_token_chars=max(self.tokenizer.token_bytes()))
+        fit_to_context; without `trim` a prompt that does not fit raises PromptTooLong). Tool
+        calls, tool results and the tool list are written into the messages' text first, so the
+        tool list stays with the system message when old turns are dropped."""
+        tokenizer = self.tokenizer
+
+        def render(plain: list[dict]) -> list[int]:
+            return tokenizer.render_chat(plain, add_generation_prompt=True, enable_thinking=self.enable_thinking,
+                                         reply_prefix=self.reply_prefix)[0]
+
+        return fit_to_context(as_plain(messages, self.tools), render, self.model.config.max_seq_len,
+                              self.max_new_tokens, trim=trim, max_token_chars=max(tokenizer.token_bytes()))
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
         """Yield the answer's text piece by piece as tokens are generated."""
@@ -136,6 +153,52 @@ class Chat:
     def row_seed(self) -> int:
         """A seed for one row of a batch, drawn from this chat's generator (so --seed fixes them all)."""
         return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+
+
+MAX_TOOL_ROUNDS = 4  # calls the model may make, one after another, before it must answer
+
+
+def run_calls(calls: list, run: Callable[[str, str], str] = run_tool) -> list[dict]:
+    """Tool messages answering `calls` (model/chat_markup.ToolCall): each result, or the error
+    text for a call that cannot run, so that the model can read what went wrong."""
+    results = []
+    for call in calls:
+        try:
+            result = run(call.name, call.arguments)
+        except ToolError as exc:
+            result = f"error: {exc}"
+        results.append({"role": "tool", "content": result})
+    return results
+
+
+def converse(chat: Chat, messages: list[dict], on_piece: Callable[[str], None] | None = None,
+             on_call: Callable[[str, str, str], None] | None = None,
+             run: Callable[[str, str], str] = run_tool) -> list[dict]:
+    """The next assistant turn of `messages`, with the chat's tools run as the model calls them:
+    reply -> calls -> results -> reply, at most MAX_TOOL_ROUNDS calls deep. Returns the messages
+    it added (assistant turns with their tool_calls, tool results, the final answer). Only the
+    model's own reply is parsed for calls (never the user's text); a malformed call stays text.
+    `on_piece` gets the text as it streams, `on_call(name, arguments, result)` each call."""
+    added: list[dict] = []
+    names = tool_names(chat.tools) if chat.tools else None
+    for round_ in range(MAX_TOOL_ROUNDS + 1):
+        pieces = []
+        for piece in chat.stream(messages + added):
+            pieces.append(piece)
+            if on_piece:
+                on_piece(piece)
+        reply = parse_reply("".join(pieces), names, parse_calls=bool(chat.tools))
+        if not reply.tool_calls or round_ == MAX_TOOL_ROUNDS:
+            added.append({"role": "assistant", "content": "".join(pieces)})
+            return added
+        calls = [{"id": f"call_{len(added)}_{i}", "type": "function",
+                  "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(reply.tool_calls)]
+        added.append({"role": "assistant", "content": reply.content, "tool_calls": calls})
+        for call, result in zip(reply.tool_calls, run_calls(reply.tool_calls, run)):
+            if on_call:
+                on_call(call.name, call.arguments, result["content"])
+            added.append(result)
+    return added
 
 
 class PromptTooLong(ValueError):
@@ -383,19 +446,25 @@ def interactive(chat: Chat, system: str | None) -> None:
             line = line.replace("/", "", 1)
         history.append({"role": "user", "content": line})
         print("etude> ", end="", flush=True)
-        pieces = []
+        pieces: list[str] = []
+
+        def show(piece: str) -> None:
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+
+        def show_call(name: str, arguments: str, result: str) -> None:
+            print(f"\n[tool {name} {arguments} -> {result}]\netude> ", end="", flush=True)
+
         try:
-            for piece in chat.stream(history):
-                pieces.append(piece)
-                print(piece, end="", flush=True)
+            history += converse(chat, history, show, show_call)
         except KeyboardInterrupt:
             print(" [stopped]", end="")
+            history.append({"role": "assistant", "content": "".join(pieces)})
         except PromptTooLong as exc:  # only when the system message alone does not fit
             print(f"\n(not answered: {exc}; shorten it with /system)")
             history.pop()
             continue
         print()
-        history.append({"role": "assistant", "content": "".join(pieces)})
 
 
 def build_parser(description: str = __doc__,
@@ -424,6 +493,10 @@ def build_parser(description: str = __doc__,
     add("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
         help="auto: bf16 on CUDA, fp32 on CPU (bf16 or --int8 decode faster on many CPUs; see README Performance)")
     add("--rope-scaling", metavar="TYPE:FACTOR", help=ROPE_SCALING_HELP)
+    add("--tools", action="store_true",
+        help="offer the model the built-in tools (a calculator and the date) and run the calls it makes")
+    add("--no-think", action="store_true",
+        help="answer without a <think> reasoning block (the prompt closes an empty one)")
     if native:
         add("--int8", action="store_true",
             help="CPU only: decode with int8 weights (one scale per row), two to three times as fast as fp32 at "
@@ -446,19 +519,25 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     if args.batch_size <= 0 or args.max_new_tokens <= 0:
         print("error: --batch-size and --max-new-tokens must be positive", file=sys.stderr)
         return 2
+    if getattr(args, "tools", False) and args.input:
+        print("error: --tools runs tools in the interactive chat and with --prompt, not in batch mode (--input); "
+              "drop one of them (tool/evaluate.py --tools runs them over many questions)", file=sys.stderr)
+        return 2
     problems = sampling_problems(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return 2
     try:
         chat = make_chat(args)
+        chat.tools = BUILTIN_TOOLS if getattr(args, "tools", False) else None
+        chat.enable_thinking = False if getattr(args, "no_think", False) else None
         if args.input:
             run_batch(chat, args)
         elif args.prompt is not None:
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                        [{"role": "user", "content": args.prompt}]
-            for piece in chat.stream(messages):
-                print(piece, end="", flush=True)
+            converse(chat, messages, lambda piece: print(piece, end="", flush=True),
+                     lambda name, arguments, result: print(f"\n[tool {name} {arguments} -> {result}]"))
             print()
         else:
             interactive(chat, args.system)

@@ -15,7 +15,11 @@ Who gets in: with --api-key, --api-key-file or $ETUDE_API_KEY every /v1 route wa
 Content-Type: application/json (415 otherwise), so no web page can post to the server with a plain
 form. CORS is off; --allowed-origins opens it to the pages named.
 
-Requests: messages (roles system, developer (= system), user, assistant; text content), model
+Requests: messages (roles system, developer (= system), user, assistant (with tool_calls), tool;
+text content), tools (function tools) and tool_choice ("auto", "none", "required" or a named
+function; the model's calls come back as tool_calls with finish_reason "tool_calls", streamed as
+OpenAI streams them; a malformed call comes back as text), chat_template_kwargs.enable_thinking
+(false: answer without a <think> block; reasoning comes back as reasoning_content), model
 (optional; another name than the served one is a 404 model_not_found), temperature 0 or
 [1e-5, 2], top_p [1e-6, 1], max_tokens / max_completion_tokens >= 1, stop (a string or up to 4),
 seed (same seed, same text), n = 1 only, stream, stream_options.include_usage; as vLLM accepts
@@ -53,7 +57,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +81,8 @@ from inference.http_guard import API_KEY_ENV, ErrorResponse, Guard, header_timeo
     refusal, resolve_api_key
 from inference.engine import Engine, Request as Generation, cache_bytes
 from inference.inference import ROPE_SCALING_HELP, Chat, build_chat, resolve_model_folder, sampling_problems
+from model.builtin_tools import tool_names
+from model.chat_markup import ReplyStream
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
@@ -177,7 +183,27 @@ def request_chat(base: Chat, settings: Settings) -> Chat:
                 repetition_penalty=choose(settings.repetition_penalty, sampling["repetition_penalty"]), seed=seed)
     if settings.ignore_eos:
         chat.stop_ids = ()
+    # tool_choice "none": the model is not shown the tools, and nothing it writes is taken as a call
+    chat.tools = settings.tools if settings.tool_choice != "none" else None
+    chat.enable_thinking = settings.enable_thinking
+    chat.reply_prefix = settings.reply_prefix
     return chat
+
+
+def reply_reader(settings: Settings) -> ReplyStream:
+    """What takes a reply apart (thinking, content, tool calls) for this request; the text of a
+    forced call's opening (Settings.reply_prefix) is pushed into it first."""
+    reader = ReplyStream(tool_names(settings.tools) if settings.tools else None,
+                         parse_calls=bool(settings.tools) and settings.tool_choice != "none",
+                         thinking=settings.enable_thinking is not False and not settings.reply_prefix)
+    reader.push(settings.reply_prefix)
+    return reader
+
+
+def openai_calls(calls: list) -> list[dict]:
+    """ToolCalls as OpenAI's tool_calls, each with an id of its own."""
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
 
 
 def create_app(base: Chat, model_name: str, max_queue: int = 16, limits: Limits = Limits(),
@@ -263,7 +289,7 @@ def create_app(base: Chat, model_name: str, max_queue: int = 16, limits: Limits 
         headers = {"X-Etude-Note": note} if note else {}
         reply_id, stamp = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if settings.stream:
-            events = sse_events(job, reply_id, stamp, model_name, settings.include_usage)
+            events = sse_events(job, reply_id, stamp, model_name, settings.include_usage, reply_reader(settings))
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache"})
         async def watch_client() -> None:  # tokens may flow without a pause, so a task of its own
@@ -284,10 +310,19 @@ def create_app(base: Chat, model_name: str, max_queue: int = 16, limits: Limits 
             return JSONResponse(error_body("the client closed the connection"), status_code=499)
         if kind == "error":
             return JSONResponse(error_body(data, "server_error"), status_code=500)
-        message = {"role": "assistant", "content": "".join(pieces)}
+        reader = reply_reader(settings)
+        events = reader.push("".join(pieces)) + reader.finish()
+        content = "".join(text for kind, text in events if kind == "content")
+        message: dict[str, Any] = {"role": "assistant", "content": content or (None if reader.calls else "")}
+        reasoning = [text for kind, text in events if kind == "reasoning"]
+        if reasoning:
+            message["reasoning_content"] = "".join(reasoning)
+        finish = data["finish_reason"]
+        if reader.calls:
+            message["tool_calls"], finish = openai_calls(reader.calls), "tool_calls"
         return JSONResponse({"id": reply_id, "object": "chat.completion", "created": stamp, "model": model_name,
                              "choices": [{"index": 0, "message": message, "logprobs": None,
-                                          "finish_reason": data["finish_reason"]}],
+                                          "finish_reason": finish}],
                              "usage": usage(data)}, headers=headers)
 
     return app
@@ -299,9 +334,28 @@ def usage(done: dict) -> dict:
 
 
 async def sse_events(job: Job, reply_id: str, stamp: int, model_name: str,
-                     include_usage: bool) -> AsyncIterator[str]:
+                     include_usage: bool, reader: ReplyStream | None = None) -> AsyncIterator[str]:
     """The job's output as OpenAI chat.completion.chunk events, then `data: [DONE]`. Leaving
-    early (the client went away, so the server cancels this generator) cancels the job."""
+    early (the client went away, so the server cancels this generator) cancels the job.
+
+    Through `reader`, reasoning goes out as `reasoning_content` deltas and each tool call as
+    OpenAI streams them: a delta with its index, id, type and name (arguments ""), then one with
+    its arguments; the last chunk's finish_reason is then "tool_calls"."""
+    reader = reader or ReplyStream(parse_calls=False)
+    n_calls = 0
+
+    def deltas(events: list) -> Iterator[str]:
+        nonlocal n_calls
+        for kind, data in events:
+            if kind == "tool_call":
+                call = openai_calls([data])[0]
+                yield chunk({"tool_calls": [{"index": n_calls, "id": call["id"], "type": "function",
+                                             "function": {"name": data.name, "arguments": ""}}]})
+                yield chunk({"tool_calls": [{"index": n_calls, "function": {"arguments": data.arguments}}]})
+                n_calls += 1
+            else:
+                yield chunk({"reasoning_content" if kind == "reasoning" else "content": data})
+
     def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
         choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if delta is not None else []
         payload = {"id": reply_id, "object": "chat.completion.chunk", "created": stamp, "model": model_name,
@@ -313,12 +367,15 @@ async def sse_events(job: Job, reply_id: str, stamp: int, model_name: str,
         while True:
             kind, data = await job.events.get()
             if kind == "delta":
-                yield chunk({"content": data})
+                for event in deltas(reader.push(data)):
+                    yield event
             elif kind == "error":
                 yield f"data: {json.dumps(error_body(data, 'server_error'))}\n\n"
                 return
             else:
-                yield chunk({}, data["finish_reason"])
+                for event in deltas(reader.finish()):
+                    yield event
+                yield chunk({}, "tool_calls" if n_calls else data["finish_reason"])
                 if include_usage:
                     yield chunk(None, usage=usage(data))
                 yield "data: [DONE]\n\n"

@@ -10,8 +10,11 @@ Chat format (ChatML), one block per message:
 
     <|im_start|>{role}\\n{content}<|im_end|>\\n
 
-and `<|im_start|>assistant\\n` as the generation prompt. CHAT_TEMPLATE is the same format in
-Jinja, stored in tokenizer_config.json so that `transformers` renders identical ids.
+and `<|im_start|>assistant\\n` as the generation prompt. Tool lists, tool calls, `tool` results and
+<think> reasoning are written into the blocks' text as model/chat_markup.py documents (roles
+system, user, assistant, tool). CHAT_TEMPLATE is the same format in Jinja, stored in
+tokenizer_config.json so that `transformers` renders identical ids (a tokenizer trained before
+tools were added holds the plain ChatML template; tool/convert_hf.py exports the current one).
 
 Only `tokenizers` and the standard library are imported here (no torch), so data tools and
 servers can tokenize cheaply.
@@ -29,19 +32,15 @@ from tokenizers import Tokenizer
 from tokenizers.pre_tokenizers import ByteLevel
 
 from config import ENDOFTEXT, IM_END, IM_START, SPECIAL_TOKENS, TOKENIZER_DIR
+from model.chat_markup import JINJA_TEMPLATE, NO_THINKING, THINK_CLOSE, plain_messages
 
 TOKENIZER_FILE = "tokenizer.json"
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 TRAIN_TOKENIZER_COMMAND = "python train/train_tokenizer.py all"
 
-# The Jinja twin of EtudeTokenizer.render_chat; tests hold the two to the same ids.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '" + IM_END + "' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}"
-)
-
+# The Jinja twin of EtudeTokenizer.render_chat (tool lists, tool calls and thinking included, see
+# model/chat_markup.py); tests hold the two to the same ids.
+CHAT_TEMPLATE = JINJA_TEMPLATE
 
 def not_text(text: str) -> str | None:
     """Why a str is not text the tokenizer can encode (None when it is): a lone surrogate, which
@@ -82,6 +81,19 @@ def validate_messages(messages: Any, *, require_assistant: bool = False) -> None
             raise ValueError(f"{where} ({role}): content {problem}")
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant message: there is nothing to learn from this conversation")
+
+
+def as_plain(messages: Any, tools: list[dict] | None = None) -> Any:
+    """Messages with tool calls, tool lists and reasoning written into their content
+    (chat_markup.plain_messages); anything that is not a list of messages is left for
+    validate_messages to name."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return messages
+    if not tools and not any(m.get("tool_calls") or m.get("reasoning_content") is not None
+                             or (m.get("role") == "assistant" and THINK_CLOSE in str(m.get("content")))
+                             for m in messages):
+        return messages  # plain chat: as it always was (and no copy)
+    return plain_messages(messages, tools)
 
 
 class EtudeTokenizer:
@@ -179,21 +191,32 @@ class EtudeTokenizer:
             self._token_bytes = sizes
         return list(self._token_bytes)
 
-    def render_chat(self, messages: list[dict[str, str]],
-                    add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                    tools: list[dict] | None = None, enable_thinking: bool | None = None,
+                    reply_prefix: str = "") -> tuple[list[int], list[int]]:
         """Token ids of a conversation in ChatML and its training mask: 1 on assistant content
         and the <|im_end|> that closes it, 0 elsewhere (<|im_start|>assistant\\n, the newline
         after <|im_end|>, system and user turns, the generation prompt).
 
         Each message's "role\\ncontent" is encoded in one piece, exactly the text that the chat
         template hands to the tokenizer between two special tokens, so the ids equal
-        `apply_chat_template` for any content free of special-token strings."""
-        return self.render_chats([messages], add_generation_prompt)[0]
+        `apply_chat_template` for any content free of special-token strings.
 
-    def render_chats(self, conversations: list[list[dict[str, str]]],
-                     add_generation_prompt: bool = False) -> list[tuple[list[int], list[int]]]:
+        `tools` (OpenAI's list of {"type": "function", "function": {...}}) is written into a system
+        block; assistant messages may carry `tool_calls` and `reasoning_content`, and `tool` messages
+        hold results (model/chat_markup.py). enable_thinking=False ends the generation prompt with
+        an empty <think></think> block so that the model answers without reasoning; True or None
+        leaves the choice to the model. Both are the template's variables of the same names.
+        `reply_prefix` is text the reply starts with, after the generation prompt (a tool call
+        forced by the server), encoded with it as one piece like an assistant message's text."""
+        return self.render_chats([messages], add_generation_prompt, tools, enable_thinking, reply_prefix)[0]
+
+    def render_chats(self, conversations: list[list[dict[str, Any]]], add_generation_prompt: bool = False,
+                     tools: list[dict] | None = None, enable_thinking: bool | None = None,
+                     reply_prefix: str = "") -> list[tuple[list[int], list[int]]]:
         """render_chat() over many conversations, their messages encoded in one parallel batch
         (what the SFT token cache is built with)."""
+        conversations = [as_plain(messages, tools) for messages in conversations]
         for messages in conversations:
             validate_messages(messages)
         texts = [f"{m['role']}\n{m['content']}" for messages in conversations for m in messages]
@@ -217,7 +240,8 @@ class EtudeTokenizer:
                 ids += [self.im_start_id, *body, self.im_end_id, *newline]
                 mask += [0] * (1 + n_header) + [trained] * (len(body) - n_header + 1) + [0] * len(newline)
             if add_generation_prompt:
-                prompt = [self.im_start_id] + self.encode("assistant\n")
+                thinking_off = NO_THINKING if enable_thinking is False else ""
+                prompt = [self.im_start_id] + self.encode("assistant\n" + thinking_off + reply_prefix)
                 ids += prompt
                 mask += [0] * len(prompt)
             rendered.append((ids, mask))

@@ -151,8 +151,15 @@ def test_demo_corpus_is_deterministic(tmp_path):
 
     sft = read_jsonl(first / "sft.jsonl")
     val = read_jsonl(first / "sft.val.jsonl")
-    # The synthetic problems (GRPO's starting point) are added to the training split only.
+    # The synthetic problems (GRPO's starting point) and the tool-use and thinking chats
+    # (tool/tool_use_data.py) are training-only extras.
     synthetic = {json.dumps({"conversations": m}, sort_keys=True) for m in synthetic_conversations()}
+
+    def is_tool_chat(record: dict) -> bool:
+        return record["conversations"][0]["content"].startswith("# Tools") \
+            or any("<think>" in m["content"] for m in record["conversations"])
+    assert sum(map(is_tool_chat, sft)) == 4300 and not any(map(is_tool_chat, val))
+    sft = [r for r in sft if not is_tool_chat(r)]
     distinct = {json.dumps(r, sort_keys=True) for r in sft} - synthetic
     assert 0.04 < len(val) / (len(distinct) + len(val)) < 0.06
     assert sum(json.dumps(r, sort_keys=True) in synthetic for r in sft) == sum(SYNTHETIC_SFT.values())

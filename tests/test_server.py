@@ -248,7 +248,7 @@ ERRORS = [  # body, status, error param
     ({"messages": [{"role": "user", "content": "hi"}], "seed": 1.5}, 400, "seed"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, 400, "stream_options"),
-    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools[0]"),
     ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}, 404, "model"),
 ]

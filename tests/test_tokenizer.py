@@ -160,7 +160,8 @@ def test_cli_all_steps_and_failures(tiny_text_corpus, tmp_path, capsys):
     # A chat template that disagrees with render_chat makes the test step fail.
     config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["chat_template"] = config["chat_template"].replace("'\\n' }}{% endfor", "'\\n\\n' }}{% endfor")
+    config["chat_template"] = config["chat_template"].replace("'<|im_end|>\\n' }}{%- endif", "'<|im_end|>\\n\\n' }}{%- endif")
+    assert config["chat_template"] != CHAT_TEMPLATE
     config_path.write_text(json.dumps(config), encoding="utf-8")
     assert train_tokenizer_main(["test", "--out-dir", str(out), "--val-data", str(tmp_path / "none")]) == 2
     captured = capsys.readouterr()

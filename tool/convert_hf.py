@@ -106,13 +106,15 @@ def load_source_model(folder: Path, lora: Path | None = None, merge: bool = True
 
 
 def tokenizer_config_with_template(tokenizer_dir: Path) -> dict:
-    """The tokenizer's tokenizer_config.json, with the ChatML template added when it lacks one."""
+    """The tokenizer's tokenizer_config.json with our chat template (CHAT_TEMPLATE): the export
+    must render what render_chat renders, tools and thinking included, and a tokenizer trained
+    before those were added holds the older plain ChatML template."""
     path = tokenizer_dir / "tokenizer_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing, so transformers could not load the tokenizer; write it "
                                 f"with `python train/train_tokenizer.py hf --out-dir {tokenizer_dir}`")
     data = read_json(path, "tokenizer config")
-    data.setdefault("chat_template", CHAT_TEMPLATE)
+    data["chat_template"] = CHAT_TEMPLATE
     return data
 
 

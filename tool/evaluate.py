@@ -7,6 +7,7 @@
     python tool/evaluate.py MODEL --tasks humaneval --allow-code-execution
     python tool/evaluate.py --report weight/report           # + report.md and PNG plots
     python tool/evaluate.py MODEL --bench                      # batched vs one-by-one scoring speed
+    python tool/evaluate.py MODEL --tasks arithmetic --tools   # with a calculator the model may call
 
 A model is an Etude folder, a LoRA adapter folder (weight/lora/NAME, applied to the base it names)
 or a Hugging Face folder (weight/etude_hf_model, or any causal LM that transformers loads). Tasks
@@ -20,6 +21,12 @@ or a Hugging Face folder (weight/etude_hf_model, or any causal LM that transform
   chat           held-out SFT conversations, normalised exact match (default training_data/sft.val.jsonl)
   arithmetic, counting, spelling     seeded synthetic problems with checkable answers (NAME=SEED)
   humaneval      HumanEval pass@1; runs model-written code, so only with --allow-code-execution
+
+--tools offers the built-in tools (calculator, date; model/builtin_tools.py) in the exact-answer
+tasks: the calls a model makes are run and their results fed back (up to 4 rounds), and the task
+also reports tool_use, the share of examples where the model called a tool. --no-think closes the
+<think> block in the prompt. A reply's answer is read after its </think>, if it thinks; exact-answer
+tasks report `thinking`, the share of first replies that opened a <think> block.
 
 Multiple-choice tasks report lm-evaluation-harness's acc and acc_norm. Nothing is downloaded.
 --json writes every figure to a file; --report DIR writes report.md with plots.
@@ -41,6 +48,9 @@ import torch
 from tqdm import tqdm
 
 from config import DATA_DIR, LORA_DIR, PRETRAINED_DIR, SFT_DIR
+from inference.inference import MAX_TOOL_ROUNDS, run_calls
+from model.builtin_tools import BUILTIN_TOOLS, tool_names
+from model.chat_markup import parse_reply
 from model.decoding import inference_dtype, pick_inference_device
 from tool.eval.formats import TaskFileError, write_lm_eval_task
 from tool.eval.models import EvalModel, bits_per_byte, load_eval_model
@@ -50,7 +60,9 @@ from tool.eval.tasks import (CHAT_MAX_NEW_TOKENS, CODE_MAX_NEW_TOKENS, DEFAULT_T
                              truncate_code)
 
 EVAL_DATA_DIR = DATA_DIR / "eval"
-SYNTHETIC_MAX_NEW_TOKENS = 16
+# Room for a <think> trace or a tool call before the answer (greedy decoding stops at <|im_end|>,
+# so a short answer costs no more); the answer is read after the </think>.
+SYNTHETIC_MAX_NEW_TOKENS = 96
 
 
 def default_models() -> list[Path]:
@@ -63,7 +75,7 @@ def default_models() -> list[Path]:
 
 
 def _generate_texts(model: EvalModel, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-                    bar: tqdm, ended: list[bool] | None = None) -> list[str]:
+                    bar: tqdm | None, ended: list[bool] | None = None) -> list[str]:
     """Greedy replies as text; `ended`, when given, receives whether each reply ended its turn."""
     texts = []
     for start in range(0, len(prompts), batch_size):
@@ -72,12 +84,50 @@ def _generate_texts(model: EvalModel, prompts: list[list[int]], max_new_tokens: 
             texts.append(model.decode([t for t in ids if t not in model.stop_ids]))
             if ended is not None:
                 ended.append(bool(ids) and ids[-1] in model.stop_ids)
-        bar.update(len(batch))
+        if bar is not None:
+            bar.update(len(batch))
     return texts
 
 
+def _answers(model: EvalModel, conversations: list[list[dict]], max_new_tokens: int, batch_size: int, bar: tqdm,
+             tools: list[dict] | None, enable_thinking: bool | None) -> tuple[list[str], list[int], int, list[bool]]:
+    """Greedy answers (reasoning left out), the number of tool calls each took, how many
+    answers opened with a <think> block, and whether each answer ended its turn. With tools,
+    the calls in a reply are run and the conversation goes on, all unfinished ones batched
+    together each round, as inference.converse does one at a time."""
+    names = tool_names(tools) if tools else None
+    conversations = [list(messages) for messages in conversations]
+    answers: list[str] = [""] * len(conversations)
+    calls = [0] * len(conversations)
+    thought = 0
+    ended = [True] * len(conversations)
+    active = list(range(len(conversations)))
+    for round_ in range(MAX_TOOL_ROUNDS + 1):
+        prompts = [model.chat_ids(conversations[i], tools, enable_thinking) for i in active]
+        finished: list[bool] = []
+        texts = _generate_texts(model, prompts, max_new_tokens, batch_size, bar if round_ == 0 else None, finished)
+        waiting = []
+        for i, text, done in zip(active, texts, finished):
+            reply = parse_reply(text, names, parse_calls=bool(tools))
+            thought += reply.reasoning is not None and round_ == 0
+            if reply.tool_calls and round_ < MAX_TOOL_ROUNDS:
+                calls[i] += len(reply.tool_calls)
+                conversations[i].append({"role": "assistant", "content": reply.content, "tool_calls": [
+                    {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in reply.tool_calls]})
+                conversations[i] += run_calls(reply.tool_calls)
+                waiting.append(i)
+            else:
+                answers[i], ended[i] = reply.content, done
+        active = waiting
+        if not active:
+            break
+    return answers, calls, thought, ended
+
+
 def run_task(model: EvalModel, task: Task, batch_size: int, allow_code: bool = False,
-             code_timeout: float = 10.0) -> dict:
+             code_timeout: float = 10.0, tools: list[dict] | None = None,
+             enable_thinking: bool | None = None) -> dict:
     """Scores of one model on one task, as {metric: value, "n": examples}."""
     bar = tqdm(total=len(task.examples) if task.kind != "bpb" else None, desc=f"{model.name} | {task.name}",
                unit="ex" if task.kind != "bpb" else "window", leave=False, file=sys.stderr)
@@ -89,11 +139,12 @@ def run_task(model: EvalModel, task: Task, batch_size: int, allow_code: bool = F
             lls = model.score_choices(choice_requests(task.examples), batch_size, bar.update)
             return {**choice_metrics(task.examples, lls), "n": len(task.examples)}
         if task.kind == "exact":
-            prompts = [model.chat_ids(messages) for messages in exact_prompts(task)]
             budget = CHAT_MAX_NEW_TOKENS if task.name == "chat" else SYNTHETIC_MAX_NEW_TOKENS
-            ended: list[bool] = []
-            replies = _generate_texts(model, prompts, budget, batch_size, bar, ended)
-            return {**exact_metrics(task, replies, ended), "n": len(replies)}
+            replies, calls, thought, ended = _answers(model, exact_prompts(task), budget, batch_size, bar, tools,
+                                                      enable_thinking)
+            used = {"tool_use": sum(1 for c in calls if c) / max(len(calls), 1)} if tools else {}
+            return {**exact_metrics(task, replies, ended), **used, "thinking": thought / max(len(replies), 1),
+                    "n": len(replies)}
         if not allow_code:
             raise PermissionError("the humaneval task runs model-written code; add --allow-code-execution "
                                   "to run it (in a separate process with time, memory and network limits)")
@@ -110,7 +161,8 @@ def run_task(model: EvalModel, task: Task, batch_size: int, allow_code: bool = F
 
 
 def evaluate(model_paths: list[Path], tasks: list[Task], device: torch.device, dtype: torch.dtype,
-             batch_size: int, allow_code: bool = False) -> dict:
+             batch_size: int, allow_code: bool = False, tools: list[dict] | None = None,
+             enable_thinking: bool | None = None) -> dict:
     """{"models": [{name, path, parameters}], "results": {model name: {task name: metrics}}}."""
     out = {"models": [], "results": {}}
     names = _unique_names(model_paths)
@@ -118,7 +170,8 @@ def evaluate(model_paths: list[Path], tasks: list[Task], device: torch.device, d
         model = load_eval_model(path, device, dtype)
         model.name = name
         out["models"].append({"name": name, "path": str(path), "parameters": model.parameters})
-        out["results"][name] = {task.name: run_task(model, task, batch_size, allow_code) for task in tasks}
+        out["results"][name] = {task.name: run_task(model, task, batch_size, allow_code, tools=tools,
+                                                     enable_thinking=enable_thinking) for task in tasks}
         del model
     return out
 
@@ -190,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lm-eval-tasks", type=Path, default=None, metavar="DIR",
                         help="also write each multiple-choice task as a JSONL file + lm-eval task YAML in DIR, "
                              "to score the same questions with lm-evaluation-harness")
+    parser.add_argument("--tools", action="store_true",
+                        help="offer the built-in calculator and date tools in exact-answer tasks and run the calls")
+    parser.add_argument("--no-think", action="store_true",
+                        help="close the <think> block in the prompt: answers without reasoning")
     parser.add_argument("--bench", action="store_true",
                         help="time batched vs one-by-one log-likelihood scoring on the first multiple-choice task")
     return parser
@@ -212,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         tasks = [build_task(name, path, args.data_dir, args.limit) for name, path in specs]
         print(f"evaluating {', '.join(str(p) for p in model_paths)} on {', '.join(t.name for t in tasks)} "
               f"({device}, {str(dtype).removeprefix('torch.')}, batch {args.batch_size}"
-              f"{f', limit {args.limit}' if args.limit else ''})", flush=True)
+              f"{f', limit {args.limit}' if args.limit else ''}{', with tools' if args.tools else ''}"
+              f"{', thinking off' if args.no_think else ''})", flush=True)
         if args.lm_eval_tasks:
             for task in (t for t in tasks if t.kind == "choice"):
                 name = write_lm_eval_task(task.examples, task.name, args.lm_eval_tasks)
@@ -226,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             figures = bench(load_eval_model(model_paths[0], device, dtype), choice, args.batch_size)
             print(json.dumps(figures, indent=2))
             return 0
-        results = evaluate(model_paths, tasks, device, dtype, args.batch_size, args.allow_code_execution)
+        results = evaluate(model_paths, tasks, device, dtype, args.batch_size, args.allow_code_execution,
+                           tools=BUILTIN_TOOLS if args.tools else None,
+                           enable_thinking=False if args.no_think else None)
     except (FileNotFoundError, TaskFileError, ValueError, PermissionError, ImportError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2

@@ -5,8 +5,9 @@
 The rules, so that the preferred side of every pair is honestly the better one:
 
 - prompts: conversations of training_data/sft.jsonl (training pairs; a seeded sample of
-  --dpo-prompts of them, the synthetic problems left out) and of sft.val.jsonl (held-out pairs),
-  each up to its last assistant turn;
+  --dpo-prompts of them, the synthetic problems and the tool-use and thinking conversations left
+  out: their replies follow formats of their own) and of sft.val.jsonl (held-out pairs), each up
+  to its last assistant turn;
 - rejected: the SFT model's own greedy answer to the prompt (what it says in chat and in the
   evaluation's chat task, 64 new tokens at most), kept only when it is degenerate by the rule of
   the chat task's `degenerate` figure (tool/eval/tasks.py degenerate_reply): it never ends its turn
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from model.chat_markup import TOOLS_INTRO
 from tool.eval.models import load_eval_model
 from tool.eval.tasks import CHAT_MAX_NEW_TOKENS, chat_questions, degenerate_reply
 
@@ -67,6 +69,13 @@ def preference_pairs(model, questions) -> tuple[list[dict], dict[str, int]]:
     return pairs, counts
 
 
+def plain_chat(question) -> bool:
+    """Whether a conversation is an ordinary chat: no tool list, tool call or result, no <think>."""
+    texts = [m["content"] for m in question.messages] + [question.answer]
+    return all(m["role"] in ("system", "user", "assistant") for m in question.messages) and \
+        not any(TOOLS_INTRO in text or "<tool_call>" in text or "<think>" in text for text in texts)
+
+
 def build(model_dir: Path, train_path: Path, val_path: Path, count: int, val_count: int | None, seed: int,
           exclude: set[str]) -> tuple[tuple[list[dict], dict], tuple[list[dict], dict]]:
     """(training pairs, counts) from a seeded sample of `count` conversations of train_path whose
@@ -74,7 +83,7 @@ def build(model_dir: Path, train_path: Path, val_path: Path, count: int, val_cou
     (None: all) of val_path."""
     started = time.perf_counter()
     model = load_eval_model(model_dir, torch.device("cpu"), torch.float32)
-    train = [q for q in chat_questions(train_path) if q.messages[-1]["content"] not in exclude]
+    train = [q for q in chat_questions(train_path) if q.messages[-1]["content"] not in exclude and plain_chat(q)]
     random.Random(f"etude-dpo:{seed}").shuffle(train)
     result = preference_pairs(model, train[:count]), preference_pairs(model, chat_questions(val_path)[:val_count])
     print(f"  sampled {model_dir}'s answers in {time.perf_counter() - started:.0f} s")

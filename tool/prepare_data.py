@@ -10,6 +10,8 @@ Writes (into --out-dir, default training_data/), each file atomically:
     pretrain.jsonl, pretrain.val.jsonl    {"text": "..."} per line
     sft.jsonl, sft.val.jsonl              {"conversations": [{"role": "system|user|assistant",
                                                             "content": "..."}, ...]} per line
+                                          (demo: also tool-use and thinking conversations, role
+                                          "tool" included: tool/tool_use_data.py)
     lora_identity.jsonl                   (demo only) a LoRA demo: the assistant becomes "Mira"
                                           (identity chats mixed with SFT chats it must not forget)
     grpo.jsonl                            (demo only) counting problems with their answers for
@@ -64,6 +66,7 @@ from model.checkpoint import atomic_write
 from tool.textio import Reader, compression
 from model.chat_formats import Rejected, rejection_text, to_conversation
 from model.synthetic_tasks import training_problems
+from tool.tool_use_data import tool_use_conversations
 
 PRETRAIN_VAL_FRACTION = 0.02
 SFT_VAL_FRACTION = 0.05
@@ -585,16 +588,21 @@ def write_demo_corpus(args: argparse.Namespace) -> None:
     qa_train, qa_val = split_validation(qa_groups, fraction, 1, rng, "Q&A conversations")
     train += qa_train * QA_REPEATS
     val += qa_val
-    synthetic = synthetic_conversations()
-    train += synthetic
+    # tool calls and thinking traces, and the synthetic problems (training only: validation stays
+    # the demo chats), mixed in after the LoRA set has drawn its rehearsal from the ordinary chats
+    tool_use = tool_use_conversations(args.seed, [m for m in train if m[0]["role"] != "system"])
     rng.shuffle(train)
     print(f"  chatterbot Q&A: {len(qa_train):,} training conversations x {QA_REPEATS}, "
           f"{len(qa_val):,} for validation")
+    lora = lora_identity(args.seed, train)
+    train += tool_use + synthetic_conversations()
+    random.Random(f"etude-tool-use-mix:{args.seed}").shuffle(train)
+    print(f"  tool use and thinking (tool/tool_use_data.py): {len(tool_use):,} training conversations")
     print("  synthetic problems (training only, evaluation questions left out): "
           + ", ".join(f"{count:,} {kind}" for kind, count in SYNTHETIC_SFT.items()))
     write_jsonl(out / SFT_DATA.name, [{"conversations": messages} for messages in train])
     write_jsonl(out / SFT_VAL_DATA.name, [{"conversations": messages} for messages in val])
-    write_jsonl(out / LORA_IDENTITY_FILE, [{"conversations": m} for m in lora_identity(args.seed, train)])
+    write_jsonl(out / LORA_IDENTITY_FILE, [{"conversations": m} for m in lora])
     write_jsonl(out / GRPO_DATA.name, [{"prompt": p.question, "task": p.kind, "answer": p.answer}
                                        for kind, count in GRPO_PROMPTS.items()
                                        for p in training_problems(kind, count, seed=GRPO_SEED)])

@@ -4,9 +4,9 @@
     python train/train_sft.py --init-from weight/etude_pretrained_model --data my_chats.jsonl
 
 Starts from a model folder (default weight/etude_pretrained_model/), inheriting its shape and
-tokenizer. Reads training_data/sft.jsonl: one {"conversations": [{"role": "system|user|assistant",
-"content": ...}, ...]} (or {"messages": [...]}) per line. Loss only on assistant replies and
-their closing <|im_end|>. Writes weight/etude_sft_model/ with a resumable checkpoint/ inside.
+tokenizer. Reads training_data/sft.jsonl: one {"conversations": [{"role": "system|user|assistant|tool",
+"content": ...}, ...]} (or {"messages": [...]}) per line; tool lists, calls and thinking are text
+in the content (model/chat_markup.py). Loss only on assistant replies and their closing <|im_end|>. Writes weight/etude_sft_model/ with a resumable checkpoint/ inside.
 """
 
 from __future__ import annotations

@@ -42,6 +42,8 @@ function requestBody() {
     temperature: Number($("temperature").value),
     top_p: Number($("top-p").value),
     max_tokens: Number($("max-tokens").value),
+    // off: the prompt closes an empty <think> block, so the model answers at once
+    chat_template_kwargs: { enable_thinking: $("thinking").checked },
   };
 }
 
@@ -79,6 +81,13 @@ async function send(text) {
   addMessage("user", text);
   const bubble = addMessage("assistant", "");
   bubble.dataset.state = "streaming";
+  // reasoning_content goes into a block of its own, hidden by the "Show its thinking" toggle;
+  // only the answer goes back into the history (the template drops old reasoning anyway)
+  const thoughts = document.createElement("div");
+  thoughts.className = "reasoning";
+  const body = document.createElement("div");
+  bubble.append(thoughts, body);
+  let reasoning = "";
   controller = new AbortController();
   setBusy(true);
   $("status").textContent = "";
@@ -96,9 +105,14 @@ async function send(text) {
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message);
       const choice = chunk.choices[0];
+      if (choice && choice.delta.reasoning_content) {
+        reasoning += choice.delta.reasoning_content;
+        thoughts.textContent = reasoning;
+        bubble.scrollIntoView({ block: "end" });
+      }
       if (choice && choice.delta.content) {
         answer += choice.delta.content;
-        bubble.textContent = answer;
+        body.textContent = answer;
         bubble.scrollIntoView({ block: "end" });
       }
       if (chunk.usage) {
@@ -176,3 +190,7 @@ function loadModel() {
 }
 
 loadModel();
+
+$("show-thinking").addEventListener("change", (event) => {
+  document.body.classList.toggle("hide-thinking", !event.target.checked);
+});

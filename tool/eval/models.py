@@ -68,8 +68,10 @@ class EvalModel:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation followed by the assistant's generation prompt."""
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None,
+                 enable_thinking: bool | None = None) -> list[int]:
+        """Token ids of a conversation followed by the assistant's generation prompt, with the
+        tools offered and thinking as the chat template's variables of those names say."""
         raise NotImplementedError
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -202,8 +204,10 @@ class EtudeEvalModel(EvalModel):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.render_chat(messages, add_generation_prompt=True)[0]
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None,
+                 enable_thinking: bool | None = None) -> list[int]:
+        return self.tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools,
+                                          enable_thinking=enable_thinking)[0]
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)[0]  # right padding: causal attention alone keeps rows apart
@@ -239,11 +243,14 @@ class HFEvalModel(EvalModel):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None,
+                 enable_thinking: bool | None = None) -> list[int]:
         if not self.tokenizer.chat_template:
             raise ValueError(f"{self.folder} has no chat template, so chat tasks cannot be asked of it; "
                              "leave them out with --tasks")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        thinking = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                                 **thinking)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
