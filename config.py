@@ -471,8 +471,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                      eval_batches=4, save_every=50, log_every=5),
         "dpo": dict(seq_len=256, batch_size=8, lr=1e-4, epochs=2, warmup_steps=10, eval_every=50,
                     eval_batches=8, save_every=50, log_every=5),
-        "grpo": dict(seq_len=256, batch_size=8, lr=1e-4, max_steps=100, warmup_steps=5, eval_every=50,
-                     save_every=25, log_every=5),
+        # 16 prompts x 8 completions per step at 2e-4 for 40 steps: on a counting-trained tiny SFT
+        # model this raised held-out greedy accuracy 58% -> 68%, where 8 prompts per step at 5e-4
+        # went 58% -> 66% after 40 steps and back to 57% after 80 (README, section 10).
+        "grpo": dict(seq_len=256, batch_size=16, lr=2e-4, max_steps=40, warmup_steps=5, eval_every=50,
+                     save_every=20, log_every=5),
     },
     # ~26M parameters: the size minimind users know.
     "small": {

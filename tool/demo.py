@@ -52,10 +52,9 @@ LORA_NAME = "identity"
 EVAL_LIMIT = 50
 # The DPO and GRPO stages run on fewer prompts and steps than their tools' defaults, to stay within
 # a few minutes: the SFT model's greedy answers to DPO_PROMPTS + DPO_VAL_PROMPTS conversations make
-# the preference pairs (about half of them make a pair), and GRPO takes GRPO_STEPS steps.
+# the preference pairs (about half of them make a pair); GRPO runs its preset's 40 steps.
 DPO_PROMPTS = 500
 DPO_VAL_PROMPTS = 200
-GRPO_STEPS = 60
 
 
 # Seconds each stage of `python tool/demo.py` (tiny preset) took on the reference machine: 2 cores
@@ -176,7 +175,7 @@ def alignment_commands(preset: str) -> list[tuple[str, list[str]]]:
         ("dpo pairs", ["tool/prepare_data.py", "--dpo", "--dpo-prompts", str(DPO_PROMPTS),
                        "--dpo-val-prompts", str(DPO_VAL_PROMPTS)]),
         ("dpo", ["train/train_dpo.py", "--preset", preset]),
-        ("grpo", ["train/train_grpo.py", "--preset", preset, "--max-steps", str(GRPO_STEPS)]),
+        ("grpo", ["train/train_grpo.py", "--preset", preset]),
     ]
 
 
