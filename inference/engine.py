@@ -43,7 +43,8 @@ from typing import Any
 
 import torch
 
-from model.model import EtudeModel, KVCache, sample_next
+from model.decode_step import DecodeStepper
+from model.model import EtudeModel, sample_next
 from model.tokenizer import EtudeTokenizer
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward (and about the prefill work per step)
@@ -134,32 +135,6 @@ class _Row:
     matcher: StopMatcher | None = None
 
 
-class SlotCache(KVCache):
-    """The engine's cache: keys/values of (max_batch, n_kv_heads, context + 1, head_dim) per layer;
-    column `context` is scratch, where idle slots write during a decoding step. For a decoding step
-    `columns` says where each slot's new key goes; append writes there and returns every column."""
-
-    def __init__(self, model: EtudeModel, max_batch: int, context: int):
-        weight = model.embed_tokens.weight
-        super().__init__(model.config, max_batch, context + 1, weight.device, weight.dtype)
-        self.context, self.slots = context, torch.arange(max_batch, device=weight.device)
-        self.columns = torch.zeros(max_batch, dtype=torch.long, device=weight.device)
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys[layer][self.slots, :, self.columns] = k[:, :, 0]
-        self.values[layer][self.slots, :, self.columns] = v[:, :, 0]
-        return self.keys[layer], self.values[layer]
-
-    def slot(self, index: int, length: int) -> KVCache:
-        """A batch-1 KVCache over one slot's first `context` columns, filled to `length`: prefill
-        runs through the model's own forward on it."""
-        view = KVCache.__new__(KVCache)
-        view.keys = [k[index:index + 1, :, :self.context] for k in self.keys]
-        view.values = [v[index:index + 1, :, :self.context] for v in self.values]
-        view.max_len, view.length = self.context, length
-        return view
-
-
 def cache_bytes(model: EtudeModel, max_batch: int, context: int) -> int:
     """Bytes of the engine's key/value cache for `max_batch` slots of `context` positions."""
     cfg, itemsize = model.config, model.embed_tokens.weight.element_size()
@@ -188,7 +163,7 @@ class Engine:
     called from any thread; step() from one thread only (the caller's, or start()'s)."""
 
     def __init__(self, model: EtudeModel, tokenizer: EtudeTokenizer | None, max_batch: int,
-                 context: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+                 context: int | None = None, prefill_chunk: int = PREFILL_CHUNK, compile: bool = False):
         context = context or model.config.max_seq_len
         if max_batch < 1 or not 1 <= context <= model.config.max_seq_len or prefill_chunk < 1:
             raise ValueError(f"max_batch must be >= 1, context in [1, {model.config.max_seq_len}] and "
@@ -201,9 +176,9 @@ class Engine:
                              "lower --max-batch")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.context, self.prefill_chunk = max_batch, context, prefill_chunk
-        self.cache = SlotCache(model, max_batch, context)
+        # The cache has one column more than the context: the scratch column where idle slots write.
+        self.stepper = DecodeStepper(model, max_batch, context + 1, compile=compile)
         self.history = torch.zeros(max_batch, context, dtype=torch.long, device=device)  # repetition penalty
-        self.positions = torch.arange(context + 1, device=device)
         self.rows: list[_Row | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self.lock = threading.Condition()
@@ -306,7 +281,8 @@ class Engine:
             prompt = row.request.prompt_ids
             chunk = prompt[row.length:row.length + self.prefill_chunk]
             ids = torch.as_tensor(chunk, device=self.history.device)[None]
-            logits, _, _ = self.model(ids, kv_cache=self.cache.slot(row.slot, row.length), last_only=True)
+            logits, _, _ = self.model(ids, kv_cache=self.stepper.cache.row(row.slot, row.length, self.context),
+                                      last_only=True)
             row.length += len(chunk)
             spent += len(chunk)
             if row.length == len(prompt):
@@ -322,16 +298,7 @@ class Engine:
         columns = torch.full((self.max_batch,), self.context, dtype=torch.long)
         for row in decoding:
             ids[row.slot], rotary[row.slot], columns[row.slot] = row.next_id, row.length, row.length
-        ids, rotary, columns = ids.to(device), rotary.to(device), columns.to(device)
-        self.cache.columns.copy_(columns)
-        # Each row sees its own slot's columns up to its new one; idle rows see everything (unused).
-        mask = (self.positions[None, :] <= columns[:, None])[:, None, None, :]
-        model = self.model
-        cos, sin = model.rotary(rotary[:, None])
-        x = model.embed_tokens(ids[:, None])
-        for block in model.layers:
-            x = block(x, cos, sin, self.cache, mask)
-        logits = model.lm_head(model.norm(x))[:, 0]
+        logits = self.stepper.step(ids.to(device), rotary.to(device), columns.to(device))
         for row in decoding:
             row.length += 1
             self._accept(row, self._sample(row, logits[row.slot]))
