@@ -158,7 +158,9 @@ def _compiled_step():
         import torch._dynamo
         # One graph per (model, batch, length, dtype): a chat or server meets a handful.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _COMPILED.append(torch.compile(decode_logits, fullgraph=True, dynamic=False))
+        # freezing: the weights are constants of the program, which lets Inductor prepack them for
+        # oneDNN's matmuls (bf16 single-row products ~2x faster measured) and fold the casts.
+        _COMPILED.append(torch.compile(decode_logits, fullgraph=True, dynamic=False, options={"freezing": True}))
     return _COMPILED[0]
 
 
