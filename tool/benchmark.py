@@ -536,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train-process", choices=("fresh", "same"), default=None,
         help="time each training dtype in a fresh process, as a real run is (default), or in this one "
              "(default with --quick)")
+    add("--decode-only", action="store_true",
+        help="time batch-1 decoding alone (no training, prefill, attention or text figures): the decode table")
     add("--quick", action="store_true", help="few steps and tokens: a smoke test, not a measurement")
     add("--json", default=str(Path(tempfile.gettempdir()) / "etude_benchmark.json"),
         help="where to write every figure as JSON (default <tmp>/etude_benchmark.json)")
@@ -689,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.batch_size * args.seq_len
     shapes = [(tokens, config.hidden_size, config.intermediate_size), (tokens, config.intermediate_size, config.hidden_size),
               ] + ([] if args.quick else [(1024, 1024, 1024)])
-    ceilings = {d: matmul_ceiling(device, DTYPES[d], shapes, 2 if args.quick else 4) for d in args.dtypes}
+    ceilings = {} if args.decode_only else {
+        d: matmul_ceiling(device, DTYPES[d], shapes, 2 if args.quick else 4) for d in args.dtypes}
     peaks = {}
     if device.type == "cuda":
         from train.trainer import peak_flops  # datasheet bf16 peaks of known GPUs
@@ -700,10 +703,10 @@ def main(argv: list[str] | None = None) -> int:
     print("matmul ceiling " + ", ".join(f"{d} {c / 1e12:.2f} TFLOP/s" for d, c in ceilings.items())
           + f"; copy bandwidth {bandwidth / 1e9:.1f} GB/s; same weights: max |logit diff| {difference:.2e}", flush=True)
 
-    train = measure_training(etude, hf, config, args, device, ceilings, peaks)
+    train = {} if args.decode_only else measure_training(etude, hf, config, args, device, ceilings, peaks)
     decode, prefill, outputs = measure_decoding(etude, hf, config, args, device, bandwidth)
-    attention = measure_attention(config, args, device)
-    text = measure_text(args)
+    attention = {} if args.decode_only else measure_attention(config, args, device)
+    text = {"skipped": "--decode-only"} if args.decode_only else measure_text(args)
     same_tokens = {d: sum(a == b for a, b in zip(*o.values())) / max(len(o["etude"]), 1)
                    for d, o in outputs.items()}
     report = {
