@@ -12,9 +12,10 @@ allocated once. Every step it
   2. admits waiting requests into free slots and prefills their prompts, each alone and in chunks
      of `prefill_chunk` tokens (at most about `prefill_chunk` prompt tokens per step, so a long
      prompt does not stall the rows that are decoding); a finished prefill samples the first token;
-  3. runs ONE forward for all decoding rows, each at its own position (per-row rotary positions
-     and an attention mask over its own slot), and samples every row with its own settings and its
-     own torch.Generator;
+  3. runs ONE decoding step for all decoding rows, each at its own position (model/decode_step.py:
+     per-row rotary positions, keys written at each row's own column, an attention mask over its
+     own slot; eager, or compiled once with `compile=True`, the server's --compile), and samples
+     every row with its own settings and its own torch.Generator;
   4. streams each row's new text to its caller (emit("delta", text)) and frees the row at its stop
      token, its stop string, its length limit, or when its caller cancels (emit("done", ...)).
 
