@@ -179,7 +179,8 @@ class Engine:
         self.max_batch, self.context, self.prefill_chunk = max_batch, context, prefill_chunk
         # The cache has one column more than the context: the scratch column where idle slots write.
         self.stepper = DecodeStepper(model, max_batch, context + 1, compile=compile)
-        self.history = torch.zeros(max_batch, context, dtype=torch.long, device=device)  # repetition penalty
+        # Per slot, the tokens its text holds so far (prompt and answer), for the repetition penalty.
+        self.seen = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.bool, device=device)
         self.rows: list[_Row | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self.lock = threading.Condition()
@@ -272,7 +273,8 @@ class Engine:
             if row.budget <= 0:  # as generate(): a prompt that fills the context gets nothing
                 self._finish(row, "length")
             else:
-                self.history[row.slot, :len(prompt)] = torch.as_tensor(prompt)
+                self.seen[row.slot] = False
+                self.seen[row.slot, torch.as_tensor(prompt, device=self.seen.device)] = True
 
     def _prefill(self) -> None:
         spent = 0
@@ -281,7 +283,7 @@ class Engine:
                 continue
             prompt = row.request.prompt_ids
             chunk = prompt[row.length:row.length + self.prefill_chunk]
-            ids = torch.as_tensor(chunk, device=self.history.device)[None]
+            ids = torch.as_tensor(chunk, device=self.seen.device)[None]
             logits, _, _ = self.model(ids, kv_cache=self.stepper.cache.row(row.slot, row.length, self.context),
                                       last_only=True)
             row.length += len(chunk)
@@ -293,7 +295,7 @@ class Engine:
         decoding = [row for row in self.rows if row is not None and row.next_id is not None]
         if not decoding:
             return
-        device = self.history.device
+        device = self.seen.device
         ids = torch.zeros(self.max_batch, dtype=torch.long)
         rotary = torch.zeros(self.max_batch, dtype=torch.long)
         columns = torch.full((self.max_batch,), self.context, dtype=torch.long)
@@ -305,16 +307,14 @@ class Engine:
             self._accept(row, self._sample(row, logits[row.slot]))
 
     def _sample(self, row: _Row, logits: torch.Tensor) -> int:
-        history = self.history[row.slot, :row.length]
         request = row.request
-        return int(sample_next(logits.float(), history, generator=request.generator, **request.sampling()))
+        return int(sample_next(logits.float(), self.seen[row.slot], generator=request.generator, **request.sampling()))
 
     def _accept(self, row: _Row, token: int) -> None:
         """Record a sampled token, stream its text and finish the row if it is done."""
         request = row.request
         request.output_ids.append(token)
-        if row.length < self.context:
-            self.history[row.slot, row.length] = token
+        self.seen[row.slot, token] = True
         if token in request.stop_ids:
             return self._finish(row, "stop")
         if row.decoder is not None:
