@@ -14,10 +14,14 @@ Measured, and printed as one table:
     FLOP/s (6 per matmul weight per token plus attention, model/model.py flops_per_token) over a
     matmul ceiling measured here at the model's own matmul shapes (on a known GPU in bf16: the
     datasheet peak);
-  - decoding at batch 1: a 32-token prompt, 256 new tokens, greedy, native EtudeModel.generate
-    (on the copy inference/inference.py decodes with: model/decoding.py merge_projections)
-    against transformers' generate, fp32 and bf16 weights each; beside each figure the
-    weight-bandwidth floor: weight bytes read per token / measured copy bandwidth;
+  - decoding at batch 1: a 32-token prompt, 256 new tokens, greedy, per precision (fp32, bf16,
+    and int8 on CPU): native EtudeModel.generate (on the copy inference/inference.py decodes with:
+    model/decoding.py merge_projections / quantize_int8), eager and compiled (model/decode_step.py;
+    the compilation timed apart), transformers' generate, and llama.cpp on GGUF files written by
+    the project's exporter at the matching type (f32, bf16, q8_0; llama-cpp-python, or
+    --llama-bench PATH; skipped with the reason otherwise); beside each figure the weight-bandwidth
+    floor (weight bytes read per token / measured copy bandwidth) and the share of it reached.
+    --decode-only times this table alone;
   - prefill at batch 1 (one forward over --prefill-len tokens into an empty cache), tokens/s;
   - causal attention alone (forward + backward at the training shape, CPU): Etude's blocked kernel
     (model/attention.py) against torch's SDPA, which transformers runs — so a CPU unlike the one
