@@ -16,8 +16,10 @@ beyond activations; the compiled step fuses the pointwise work between the matmu
 
 Compiling costs tens of seconds on a small CPU (measured in tool/profile_decode.py and stated in
 the README), so it is used only when asked for (`compile=True`, the chat's and server's
-`--compile`) and, even then, only for answers of at least COMPILE_MIN_TOKENS tokens; Inductor keeps
-its generated code in its on-disk cache, so a second process compiles the same step faster. If
+`--compile`) and, even then, only for answers of at least COMPILE_MIN_TOKENS tokens. Inductor's
+on-disk cache keeps what it can, but the program is frozen (specialised to the weights, so they
+can be prepacked), so a new process pays most of the compilation again (measured 64-219 s per
+precision on the loaded 2-core machine, 17-68 s in quieter minutes; README, Performance). If
 compilation fails (no C++ compiler, an unsupported module) the step falls back to eager with a
 warning, once.
 
