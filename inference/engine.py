@@ -12,9 +12,10 @@ allocated once. Every step it
   2. admits waiting requests into free slots and prefills their prompts, each alone and in chunks
      of `prefill_chunk` tokens (at most about `prefill_chunk` prompt tokens per step, so a long
      prompt does not stall the rows that are decoding); a finished prefill samples the first token;
-  3. runs ONE forward for all decoding rows, each at its own position (per-row rotary positions
-     and an attention mask over its own slot), and samples every row with its own settings and its
-     own torch.Generator;
+  3. runs ONE decoding step for all decoding rows, each at its own position (model/decode_step.py:
+     per-row rotary positions, keys written at each row's own column, an attention mask over its
+     own slot; eager, or compiled once with `compile=True`, the server's --compile), and samples
+     every row with its own settings and its own torch.Generator;
   4. streams each row's new text to its caller (emit("delta", text)) and frees the row at its stop
      token, its stop string, its length limit, or when its caller cancels (emit("done", ...)).
 
@@ -43,7 +44,8 @@ from typing import Any
 
 import torch
 
-from model.model import EtudeModel, KVCache, sample_next
+from model.decode_step import DecodeStepper
+from model.model import EtudeModel, sample_next
 from model.tokenizer import EtudeTokenizer
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward (and about the prefill work per step)
@@ -134,32 +136,6 @@ class _Row:
     matcher: StopMatcher | None = None
 
 
-class SlotCache(KVCache):
-    """The engine's cache: keys/values of (max_batch, n_kv_heads, context + 1, head_dim) per layer;
-    column `context` is scratch, where idle slots write during a decoding step. For a decoding step
-    `columns` says where each slot's new key goes; append writes there and returns every column."""
-
-    def __init__(self, model: EtudeModel, max_batch: int, context: int):
-        weight = model.embed_tokens.weight
-        super().__init__(model.config, max_batch, context + 1, weight.device, weight.dtype)
-        self.context, self.slots = context, torch.arange(max_batch, device=weight.device)
-        self.columns = torch.zeros(max_batch, dtype=torch.long, device=weight.device)
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys[layer][self.slots, :, self.columns] = k[:, :, 0]
-        self.values[layer][self.slots, :, self.columns] = v[:, :, 0]
-        return self.keys[layer], self.values[layer]
-
-    def slot(self, index: int, length: int) -> KVCache:
-        """A batch-1 KVCache over one slot's first `context` columns, filled to `length`: prefill
-        runs through the model's own forward on it."""
-        view = KVCache.__new__(KVCache)
-        view.keys = [k[index:index + 1, :, :self.context] for k in self.keys]
-        view.values = [v[index:index + 1, :, :self.context] for v in self.values]
-        view.max_len, view.length = self.context, length
-        return view
-
-
 def cache_bytes(model: EtudeModel, max_batch: int, context: int) -> int:
     """Bytes of the engine's key/value cache for `max_batch` slots of `context` positions."""
     cfg, itemsize = model.config, model.embed_tokens.weight.element_size()
@@ -188,7 +164,7 @@ class Engine:
     called from any thread; step() from one thread only (the caller's, or start()'s)."""
 
     def __init__(self, model: EtudeModel, tokenizer: EtudeTokenizer | None, max_batch: int,
-                 context: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+                 context: int | None = None, prefill_chunk: int = PREFILL_CHUNK, compile: bool = False):
         context = context or model.config.max_seq_len
         if max_batch < 1 or not 1 <= context <= model.config.max_seq_len or prefill_chunk < 1:
             raise ValueError(f"max_batch must be >= 1, context in [1, {model.config.max_seq_len}] and "
@@ -201,9 +177,10 @@ class Engine:
                              "lower --max-batch")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.context, self.prefill_chunk = max_batch, context, prefill_chunk
-        self.cache = SlotCache(model, max_batch, context)
-        self.history = torch.zeros(max_batch, context, dtype=torch.long, device=device)  # repetition penalty
-        self.positions = torch.arange(context + 1, device=device)
+        # The cache has one column more than the context: the scratch column where idle slots write.
+        self.stepper = DecodeStepper(model, max_batch, context + 1, compile=compile)
+        # Per slot, the tokens its text holds so far (prompt and answer), for the repetition penalty.
+        self.seen = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.bool, device=device)
         self.rows: list[_Row | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self.lock = threading.Condition()
@@ -296,7 +273,8 @@ class Engine:
             if row.budget <= 0:  # as generate(): a prompt that fills the context gets nothing
                 self._finish(row, "length")
             else:
-                self.history[row.slot, :len(prompt)] = torch.as_tensor(prompt)
+                self.seen[row.slot] = False
+                self.seen[row.slot, torch.as_tensor(prompt, device=self.seen.device)] = True
 
     def _prefill(self) -> None:
         spent = 0
@@ -305,8 +283,9 @@ class Engine:
                 continue
             prompt = row.request.prompt_ids
             chunk = prompt[row.length:row.length + self.prefill_chunk]
-            ids = torch.as_tensor(chunk, device=self.history.device)[None]
-            logits, _, _ = self.model(ids, kv_cache=self.cache.slot(row.slot, row.length), last_only=True)
+            ids = torch.as_tensor(chunk, device=self.seen.device)[None]
+            logits, _, _ = self.model(ids, kv_cache=self.stepper.cache.row(row.slot, row.length, self.context),
+                                      last_only=True)
             row.length += len(chunk)
             spent += len(chunk)
             if row.length == len(prompt):
@@ -316,37 +295,26 @@ class Engine:
         decoding = [row for row in self.rows if row is not None and row.next_id is not None]
         if not decoding:
             return
-        device = self.history.device
+        device = self.seen.device
         ids = torch.zeros(self.max_batch, dtype=torch.long)
         rotary = torch.zeros(self.max_batch, dtype=torch.long)
         columns = torch.full((self.max_batch,), self.context, dtype=torch.long)
         for row in decoding:
             ids[row.slot], rotary[row.slot], columns[row.slot] = row.next_id, row.length, row.length
-        ids, rotary, columns = ids.to(device), rotary.to(device), columns.to(device)
-        self.cache.columns.copy_(columns)
-        # Each row sees its own slot's columns up to its new one; idle rows see everything (unused).
-        mask = (self.positions[None, :] <= columns[:, None])[:, None, None, :]
-        model = self.model
-        cos, sin = model.rotary(rotary[:, None])
-        x = model.embed_tokens(ids[:, None])
-        for block in model.layers:
-            x = block(x, cos, sin, self.cache, mask)
-        logits = model.lm_head(model.norm(x))[:, 0]
+        logits = self.stepper.step(ids.to(device), rotary.to(device), columns.to(device))
         for row in decoding:
             row.length += 1
             self._accept(row, self._sample(row, logits[row.slot]))
 
     def _sample(self, row: _Row, logits: torch.Tensor) -> int:
-        history = self.history[row.slot, :row.length]
         request = row.request
-        return int(sample_next(logits.float(), history, generator=request.generator, **request.sampling()))
+        return int(sample_next(logits.float(), self.seen[row.slot], generator=request.generator, **request.sampling()))
 
     def _accept(self, row: _Row, token: int) -> None:
         """Record a sampled token, stream its text and finish the row if it is done."""
         request = row.request
         request.output_ids.append(token)
-        if row.length < self.context:
-            self.history[row.slot, row.length] = token
+        self.seen[row.slot, token] = True
         if token in request.stop_ids:
             return self._finish(row, "stop")
         if row.decoder is not None:

@@ -77,8 +77,9 @@ class Chat:
 
     def __init__(self, model: EtudeModel, tokenizer: EtudeTokenizer, max_new_tokens: int = 256,
                  temperature: float = 0.7, top_k: int | None = 40, top_p: float | None = 0.9,
-                 repetition_penalty: float = 1.1, seed: int | None = None):
+                 repetition_penalty: float = 1.1, seed: int | None = None, compile: bool = False):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.compile = compile  # torch.compile the decoding step (model/decode_step.py)
         self.max_new_tokens = max_new_tokens
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
                              repetition_penalty=repetition_penalty)
@@ -116,7 +117,7 @@ class Chat:
             print(f"[note: {note}]", file=sys.stderr)
         decoder = StreamDecoder(self.tokenizer)
         for token in self.model.generate(ids, self.max_new_tokens, stop_ids=self.stop_ids,
-                                         generator=self.generator, **self.sampling):
+                                         generator=self.generator, compile=self.compile, **self.sampling):
             if token in self.stop_ids:
                 break
             piece = decoder.push(token)
@@ -137,7 +138,8 @@ class Chat:
         greedy answers equal what answer() gives one by one (see the engine on exactness).
         `progress(n)` is called as the n-th answer is done."""
         prompts = batch_prompts(self, conversations)
-        engine = Engine(self.model, self.tokenizer, max_batch=min(max_batch or len(prompts), len(prompts)))
+        engine = Engine(self.model, self.tokenizer, max_batch=min(max_batch or len(prompts), len(prompts)),
+                        compile=self.compile)
         device, done = self.model.embed_tokens.weight.device, []
 
         def count_done(kind: str, data: dict) -> None:
@@ -355,7 +357,7 @@ def build_chat(args: argparse.Namespace) -> Chat:
         model = merge_projections(model.to(device=device, dtype=inference_dtype(device, args.dtype)))
     return Chat(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                seed=args.seed)
+                seed=args.seed, compile=getattr(args, "compile", False))
 
 
 def read_batch_input(path: Path, system: str | None) -> list[tuple[dict, list[dict]]]:
@@ -501,6 +503,10 @@ def build_parser(description: str = __doc__,
         add("--int8", action="store_true",
             help="CPU only: decode with int8 weights (one scale per row), two to three times as fast as fp32 at "
                  "batch 1; answers can drift from fp32's after a few dozen tokens")
+        add("--compile", action=argparse.BooleanOptionalAction, default=False,
+            help="run the decoding step through torch.compile: faster per token once compiled, but the first "
+                 "answer of at least 64 tokens waits for the compilation (tens of seconds on a CPU; Inductor's "
+                 "disk cache shortens it in later runs); worth it for a server or long batches (default off)")
     return parser
 
 

@@ -214,7 +214,7 @@ def create_app(base: Chat, model_name: str, max_queue: int = 16, limits: Limits 
     refuses a Host header that names another machine; `truncation` is what a request that does not
     say gets for a prompt longer than the context. Raises ValueError when the KV cache of
     `max_batch` slots would not fit in memory."""
-    engine = Admission(Engine(base.model, base.tokenizer, max_batch), max_queue)
+    engine = Admission(Engine(base.model, base.tokenizer, max_batch, compile=base.compile), max_queue)
     # One thread prepares prompts (tokenizing), so that the event loop keeps answering meanwhile
     # and admitted requests reach the engine in the order they came.
     preparing = ThreadPoolExecutor(1, thread_name_prefix="etude-prompt")
@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
         help="auto: bf16 on CUDA, fp32 on CPU")
     add("--rope-scaling", metavar="TYPE:FACTOR", help=ROPE_SCALING_HELP)
+    add("--compile", action=argparse.BooleanOptionalAction, default=False,
+        help="run the engine's decoding step through torch.compile: faster per token, after a one-time "
+             "compilation (tens of seconds on a CPU) at the first request (default off)")
     add("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
         help="uvicorn's log level (default info: one line per request)")
     return parser

@@ -610,9 +610,16 @@ class EtudeModel(nn.Module):
     def generate(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (),
-                 use_cache: bool = True, generator: torch.Generator | None = None) -> Iterator[int]:
+                 use_cache: bool = True, generator: torch.Generator | None = None,
+                 compile: bool = False) -> Iterator[int]:
         """Yield new token ids one at a time for a single prompt. temperature 0 is greedy.
-        Stops after a stop id (which is yielded), after max_new_tokens, or at max_seq_len."""
+        Stops after a stop id (which is yielded), after max_new_tokens, or at max_seq_len.
+
+        With the cache (the default) the prompt is prefilled once and every new token is one
+        fixed-shape step of model/decode_step.py; `compile` runs that step through torch.compile
+        for answers of at least COMPILE_MIN_TOKENS tokens (eager below that, or if compiling fails).
+        use_cache=False recomputes the whole sequence per token (the reference the tests hold the
+        cached steps to)."""
         ids = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
         if ids.numel() == 0:
             raise ValueError("generate() needs at least one prompt token")
@@ -621,34 +628,59 @@ class EtudeModel(nn.Module):
         budget = min(max_new_tokens, self.config.max_seq_len - ids.numel())
         if budget <= 0:
             return
-        cache = None
-        if use_cache:
-            cache = KVCache(self.config, 1, ids.numel() + budget, device, self.embed_tokens.weight.dtype)
         stop = set(int(s) for s in stop_ids)
-        generated = ids
-        step_input = ids[None]
-        for _ in range(budget):
-            logits, _, _ = self(step_input if use_cache else generated[None], kv_cache=cache, last_only=True)
-            next_id = sample_next(logits[0, -1].float(), generated, temperature, top_k, top_p,
-                                  repetition_penalty, generator)
-            generated = torch.cat((generated, next_id.view(1)))
-            step_input = next_id.view(1, 1)
+        if not use_cache:
+            generated = ids
+            for _ in range(budget):
+                logits, _, _ = self(generated[None], last_only=True)
+                next_id = sample_next(logits[0, -1].float(), generated, temperature, top_k, top_p,
+                                      repetition_penalty, generator)
+                generated = torch.cat((generated, next_id.view(1)))
+                token = int(next_id)
+                yield token
+                if token in stop:
+                    return
+            return
+        from model.decode_step import COMPILE_MIN_TOKENS, DecodeStepper, bucket_length
+
+        prompt_len = ids.numel()
+        length = bucket_length(prompt_len + budget, self.config.max_seq_len)
+        stepper = DecodeStepper(self, 1, length, compile=compile and budget >= COMPILE_MIN_TOKENS)
+        logits = stepper.prefill(ids)
+        # The repetition penalty's set of seen tokens, kept as a mask and updated per token (no
+        # torch.unique of a growing history each step).
+        seen = None
+        if repetition_penalty != 1.0:
+            seen = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=device)
+            seen[ids] = True
+        position = torch.full((1,), prompt_len, dtype=torch.long, device=device)
+        for index in range(budget):
+            next_id = sample_next(logits.float(), seen, temperature, top_k, top_p, repetition_penalty, generator)
             token = int(next_id)
             yield token
-            if token in stop:
+            if token in stop or index + 1 == budget:
                 return
+            if seen is not None:
+                seen[next_id] = True
+            logits = stepper.step(next_id.view(1), position)[0]
+            position += 1
 
 
-def sample_next(logits: torch.Tensor, history: torch.Tensor, temperature: float, top_k: int | None,
+def sample_next(logits: torch.Tensor, history: torch.Tensor | None, temperature: float, top_k: int | None,
                 top_p: float | None, repetition_penalty: float,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Choose the next id from one row of logits (V,). Repetition penalty follows the CTRL /
-    transformers rule (divide positive, multiply negative logits of tokens already seen)."""
-    if repetition_penalty != 1.0 and history.numel():
-        seen = torch.unique(history)
-        scores = logits[seen]
-        logits = logits.clone()
-        logits[seen] = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
+    transformers rule (divide positive, multiply negative logits of tokens already seen); `history`
+    is the ids seen so far, or a bool mask (V,) of them (generate() keeps one)."""
+    if repetition_penalty != 1.0 and history is not None and history.numel():
+        if history.dtype == torch.bool:
+            penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+            logits = torch.where(history, penalised, logits)
+        else:
+            seen = torch.unique(history)
+            scores = logits[seen]
+            logits = logits.clone()
+            logits[seen] = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
     if temperature <= 0:
         return logits.argmax()
     logits = logits / temperature

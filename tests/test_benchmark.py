@@ -39,6 +39,30 @@ def test_quick_toy_run_writes_every_figure(tmp_path, tiny_tokenizer_dir, tiny_te
     assert report["train_speedup_fp32"] == pytest.approx(
         report["train"]["fp32"]["etude"]["tokens_per_s"] / report["train"]["fp32"]["transformers"]["tokens_per_s"])
     assert "train fp32" in capsys.readouterr().out
+    # llama.cpp, on GGUF files the project's exporter wrote from the same weights, at the matching type.
+    pytest.importorskip("llama_cpp")
+    for precision, gguf_type in (("fp32", "f32"), ("bf16", "bf16"), ("int8", "q8_0")):
+        llama = report["decode"][precision]["llama.cpp"]
+        assert llama["tokens_per_s"] > 0 and llama["gguf_type"] == gguf_type and llama["via"] == "llama-cpp-python"
+        assert llama["share_of_floor"] > 0
+        best = report["decode"][precision]["etude"]["tokens_per_s"]  # --quick: no compiled step
+        assert report["decode_vs_llama_cpp"][precision] == pytest.approx(best / llama["tokens_per_s"])
+
+
+def test_llama_cpp_is_skipped_with_the_reason(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = benchmark_main(["--shape", "toy", "--quick", "--decode-only", "--dtypes", "fp32", "--no-int8",
+                           "--new-tokens", "2", "--prefill-len", "8", "--json", str(out),
+                           "--llama-bench", str(tmp_path / "no-such-binary")])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert "no-such-binary is not a file" in report["decode"]["fp32"]["llama.cpp"]["skipped"]
+    assert report["train"] == {} and report["decode"]["fp32"]["etude"]["tokens_per_s"] > 0
+    assert "llama.cpp skipped" in capsys.readouterr().out
+    code = benchmark_main(["--shape", "toy", "--quick", "--decode-only", "--dtypes", "fp32", "--no-int8",
+                           "--new-tokens", "2", "--prefill-len", "8", "--json", str(out),
+                           "--tokenizer", str(tmp_path / "none")])
+    assert "tokenizer" in json.loads(out.read_text())["decode"]["fp32"]["llama.cpp"]["skipped"]
 
 
 def test_training_timed_in_a_fresh_process_per_dtype(tmp_path):

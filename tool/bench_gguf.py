@@ -38,6 +38,72 @@ from tool.convert_gguf import first_difference
 from tool.convert_hf import SAMPLE_CHAT
 
 GGUF_ENGINES = ("q8_0", "f16")
+# The GGUF type that matches each Etude decoding precision (int8 is weight-only int8 with one scale
+# per row; Q8_0 is int8 with one scale per 32 weights, the closest llama.cpp has).
+MATCHING_GGUF = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0"}
+
+
+def llama_cpp_unavailable(llama_bench: str | None) -> str | None:
+    """Why llama.cpp cannot be timed here (None when it can): neither the `llama-bench` binary given
+    nor the llama-cpp-python package."""
+    if llama_bench:
+        return None if Path(llama_bench).is_file() else f"--llama-bench {llama_bench} is not a file"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "llama-cpp-python is not installed (pip install llama-cpp-python) and no --llama-bench binary was given"
+    return None
+
+
+class LlamaCppDecoder:
+    """llama.cpp decoding the GGUF export of `model` (tool/convert_gguf.py's writer), greedy, batch
+    1: `run()` prefills `prompt` and decodes `new` tokens, as Etude's generate() is timed. Through
+    llama-cpp-python by default; with `llama_bench` (a path to llama.cpp's `llama-bench`) each run is
+    one `llama-bench -p <prompt> -n <new> -r 1` whose own tokens/s figure is kept in `reported`
+    (llama-bench times prompt and generation apart; its generation figure is recorded)."""
+
+    def __init__(self, model, tokenizer, type_name: str, folder: Path, threads: int, prompt: list[int],
+                 new: int, llama_bench: str | None = None):
+        self.path = write_gguf(model, tokenizer, Path(folder) / f"bench-{type_name}.gguf", type_name, "bench")
+        self.type_name, self.prompt, self.new, self.threads = type_name, prompt, new, threads
+        self.llama_bench = llama_bench
+        self.reported: list[float] = []
+        self.tokens: list[int] = []
+        self.llm = None
+        if llama_bench is None:
+            from llama_cpp import Llama
+            self.llm = Llama(model_path=str(self.path), n_ctx=model.config.max_seq_len, n_threads=threads,
+                             n_threads_batch=threads, seed=0, verbose=False)
+
+    def run(self) -> None:
+        if self.llm is None:
+            self._run_binary()
+            return
+        self.llm.reset()
+        tokens = []
+        for token in self.llm.generate(self.prompt, temp=0.0, repeat_penalty=1.0):
+            tokens.append(token)
+            if len(tokens) == self.new:
+                break
+        self.tokens = tokens
+
+    def _run_binary(self) -> None:
+        import subprocess
+        command = [self.llama_bench, "-m", str(self.path), "-t", str(self.threads), "-p", str(len(self.prompt)),
+                   "-n", str(self.new), "-r", "1", "-o", "json"]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+        for entry in json.loads(done.stdout):
+            if entry.get("n_gen", 0) > 0:
+                self.reported.append(float(entry["avg_ts"]))
+
+    def close(self) -> None:
+        """Free llama.cpp's model and delete the GGUF file."""
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+        self.path.unlink(missing_ok=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

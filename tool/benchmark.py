@@ -14,10 +14,14 @@ Measured, and printed as one table:
     FLOP/s (6 per matmul weight per token plus attention, model/model.py flops_per_token) over a
     matmul ceiling measured here at the model's own matmul shapes (on a known GPU in bf16: the
     datasheet peak);
-  - decoding at batch 1: a 32-token prompt, 256 new tokens, greedy, native EtudeModel.generate
-    (on the copy inference/inference.py decodes with: model/decoding.py merge_projections)
-    against transformers' generate, fp32 and bf16 weights each; beside each figure the
-    weight-bandwidth floor: weight bytes read per token / measured copy bandwidth;
+  - decoding at batch 1: a 32-token prompt, 256 new tokens, greedy, per precision (fp32, bf16,
+    and int8 on CPU): native EtudeModel.generate (on the copy inference/inference.py decodes with:
+    model/decoding.py merge_projections / quantize_int8), eager and compiled (model/decode_step.py;
+    the compilation timed apart), transformers' generate, and llama.cpp on GGUF files written by
+    the project's exporter at the matching type (f32, bf16, q8_0; llama-cpp-python, or
+    --llama-bench PATH; skipped with the reason otherwise); beside each figure the weight-bandwidth
+    floor (weight bytes read per token / measured copy bandwidth) and the share of it reached.
+    --decode-only times this table alone;
   - prefill at batch 1 (one forward over --prefill-len tokens into an empty cache), tokens/s;
   - causal attention alone (forward + backward at the training shape, CPU): Etude's blocked kernel
     (model/attention.py) against torch's SDPA, which transformers runs — so a CPU unlike the one
@@ -282,21 +286,40 @@ def train_one_dtype(etude, hf, config, args, device, dtype_name: str, peak) -> d
     return out
 
 
+def decode_figures(seconds: list[float], new: int, floor_s: float) -> dict:
+    median = statistics.median(seconds)
+    return {"tokens_per_s": new / median, "ms_per_token": median / new * 1e3, "floor_ms_per_token": floor_s * 1e3,
+            "floor_tokens_per_s": 1 / floor_s, "share_of_floor": floor_s / (median / new)}
+
+
 def measure_decoding(etude, hf, config, args, device, bandwidth) -> tuple[dict, dict, dict]:
+    """Batch-1 greedy decoding per precision (fp32, bf16 and, on CPU, int8), every engine of a
+    precision taking turns in one alternation: Etude's eager step ("etude", what inference.py runs
+    by default), Etude's compiled step ("etude compiled", --compile there; its first call, the
+    compilation, timed apart), transformers (fp32, bf16) and llama.cpp on the GGUF export at the
+    matching type (f32, bf16, q8_0) when it is available. Each figure carries the bandwidth floor
+    of its precision (Etude's weight bytes per token / copy bandwidth) and its share of it."""
     generator = torch.Generator(device="cpu").manual_seed(args.seed + 2)
     prompt = torch.randint(3, config.vocab_size, (args.prompt_len,), generator=generator).to(device)
     prefill_ids = torch.randint(3, config.vocab_size, (1, args.prefill_len), generator=generator).to(device)
     new = args.new_tokens
     decode, prefill, outputs = {}, {}, {}
-    quantized = quantize_int8(etude) if device.type == "cpu" and args.int8 else None
-    for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
-        ours = merge_projections(etude).to(dtype)  # the copy inference/inference.py decodes with
-        theirs = copy.deepcopy(hf).to(dtype).eval()
+    precisions = list(args.dtypes) + (["int8"] if device.type == "cpu" and args.int8 else [])
+    llama = llama_cpp_setup(etude, args, device)
+    for precision in precisions:
+        if precision == "int8":
+            ours, theirs = quantize_int8(etude), None
+            # int8 weights plus one bf16 scale per output row.
+            floor_s = weight_bytes_per_token(etude, torch.int8) * (1 + 2 / config.hidden_size) / bandwidth
+        else:
+            dtype = DTYPES[precision]
+            ours = merge_projections(etude).to(dtype)  # the copy inference/inference.py decodes with
+            theirs = copy.deepcopy(hf).to(dtype).eval()
+            floor_s = weight_bytes_per_token(etude, dtype) / bandwidth
         generated: dict[str, list[int]] = {}
 
-        def etude_decode():
-            generated["etude"] = list(ours.generate(prompt, max_new_tokens=new, temperature=0.0))
+        def etude_decode(compile=False, label="etude"):
+            generated[label] = list(ours.generate(prompt, max_new_tokens=new, temperature=0.0, compile=compile))
 
         @torch.inference_mode()
         def hf_decode():
@@ -304,49 +327,101 @@ def measure_decoding(etude, hf, config, args, device, bandwidth) -> tuple[dict, 
                                      max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
             generated["transformers"] = result[0, prompt.numel():].tolist()
 
-        @torch.inference_mode()
-        def etude_prefill():
-            cache = KVCache(config, 1, args.prefill_len, device, dtype)
-            ours(prefill_ids, kv_cache=cache, last_only=True)
-
-        @torch.inference_mode()
-        def hf_prefill():
-            theirs(input_ids=prefill_ids, use_cache=True, logits_to_keep=1)
-
-        runs = {"etude": etude_decode, "transformers": hf_decode}
-        if quantized is not None and dtype_name == args.dtypes[0]:
-            # Etude's weight-only int8 decoding (model/decoding.py quantize_int8), in the same
-            # alternation; transformers has no built-in counterpart on CPU, so the headline
-            # compares it with transformers' fastest dtype.
-            def int8_decode():
-                generated["int8"] = list(quantized.generate(prompt, max_new_tokens=new, temperature=0.0))
-            runs["int8"] = int8_decode
+        runs = {"etude": etude_decode}
+        first_call_s = None
+        if args.decode_compile:
+            first_call_s = timed(lambda: etude_decode(True, "etude compiled"), device)
+            runs["etude compiled"] = lambda: etude_decode(True, "etude compiled")
+        if theirs is not None:
+            runs["transformers"] = hf_decode
+        engine = llama.get(precision) if isinstance(llama, dict) else None
+        if engine is not None:
+            runs["llama.cpp"] = engine.run
         times = alternate(runs, args.decode_repeats, 1, device)
-        if "int8" in times:
-            # int8 weights plus one bf16 scale per output row.
-            int8_bytes = weight_bytes_per_token(etude, torch.int8) * (1 + 2 / config.hidden_size)
-            int8_entry = {"etude": {"tokens_per_s": new / statistics.median(times["int8"]),
-                                        "ms_per_token": statistics.median(times["int8"]) / new * 1e3,
-                                        "floor_ms_per_token": int8_bytes / bandwidth * 1e3,
-                                        "floor_tokens_per_s": bandwidth / int8_bytes}}
+        decode[precision] = {name: decode_figures(seconds, new, floor_s) for name, seconds in times.items()}
+        if engine is not None:
+            if engine.reported:  # llama-bench's own generation figure
+                decode[precision]["llama.cpp"]["tokens_per_s"] = statistics.median(engine.reported)
+                decode[precision]["llama.cpp"]["ms_per_token"] = 1e3 / decode[precision]["llama.cpp"]["tokens_per_s"]
+                decode[precision]["llama.cpp"]["share_of_floor"] = floor_s * decode[precision]["llama.cpp"]["tokens_per_s"]
+            decode[precision]["llama.cpp"]["gguf_type"] = engine.type_name
+            decode[precision]["llama.cpp"]["via"] = "llama-bench" if engine.reported else "llama-cpp-python"
+        elif llama is not None:
+            decode[precision]["llama.cpp"] = {"skipped": llama if isinstance(llama, str) else "no engine"}
+        if first_call_s is not None:
+            decode[precision]["etude compiled"]["first_call_s"] = first_call_s
+            decode[precision]["etude compiled"]["compiled_tokens_equal_eager"] = (
+                generated["etude compiled"] == generated["etude"])
+        if precision == "int8":
             with torch.inference_mode():  # how far int8 moves the logits, relative to their size
-                exact, rounded = etude(prompt[None])[0], quantized(prompt[None])[0]
-            int8_entry["etude"]["max_logit_error_relative"] = float((rounded - exact).abs().max() / exact.abs().max())
-            outputs["int8"] = {"etude": generated.pop("int8"), f"{dtype_name} etude": list(generated["etude"])}
-        floor_s = weight_bytes_per_token(etude, dtype) / bandwidth
-        decode[dtype_name] = {impl: {"tokens_per_s": new / statistics.median(times[impl]),
-                                     "ms_per_token": statistics.median(times[impl]) / new * 1e3,
-                                     "floor_ms_per_token": floor_s * 1e3,
-                                     "floor_tokens_per_s": 1 / floor_s} for impl in IMPLS}
-        outputs[dtype_name] = {impl: generated[impl] for impl in IMPLS}
-        times = alternate({"etude": etude_prefill, "transformers": hf_prefill}, args.decode_repeats, 1, device)
-        prefill[dtype_name] = {impl: {"tokens_per_s": args.prefill_len / statistics.median(times[impl])}
-                               for impl in IMPLS}
-        print(f"  decode {dtype_name}: etude {decode[dtype_name]['etude']['tokens_per_s']:,.1f} tok/s, "
-              f"transformers {decode[dtype_name]['transformers']['tokens_per_s']:,.1f} tok/s", flush=True)
-    if quantized is not None:
-        decode["int8"] = int8_entry
+                exact, rounded = etude(prompt[None])[0], ours(prompt[None])[0]
+            decode["int8"]["etude"]["max_logit_error_relative"] = float((rounded - exact).abs().max() / exact.abs().max())
+            outputs["int8"] = {"etude": generated["etude"], "fp32 etude": outputs.get("fp32", {}).get("etude", [])}
+        else:
+            outputs[precision] = {impl: generated[impl] for impl in IMPLS}
+
+            @torch.inference_mode()
+            def etude_prefill():
+                cache = KVCache(config, 1, args.prefill_len, device, dtype)
+                ours(prefill_ids, kv_cache=cache, last_only=True)
+
+            @torch.inference_mode()
+            def hf_prefill():
+                theirs(input_ids=prefill_ids, use_cache=True, logits_to_keep=1)
+
+            times = alternate({"etude": etude_prefill, "transformers": hf_prefill}, args.decode_repeats, 1, device)
+            prefill[precision] = {impl: {"tokens_per_s": args.prefill_len / statistics.median(times[impl])}
+                                  for impl in IMPLS}
+        print(f"  decode {precision}: " + ", ".join(f"{name} {figures['tokens_per_s']:,.1f} tok/s"
+                                                   for name, figures in decode[precision].items()
+                                                   if "tokens_per_s" in figures), flush=True)
+    if isinstance(llama, dict):
+        for engine in llama.values():
+            engine.close()
+            shutil.rmtree(engine.path.parent, ignore_errors=True)
     return decode, prefill, outputs
+
+
+def llama_cpp_setup(etude, args, device: torch.device):
+    """{precision: LlamaCppDecoder} on GGUF files of the benchmark's weights written with the
+    project's exporter, or a string saying why llama.cpp is skipped, or None when not asked for."""
+    if not args.llama_cpp:
+        return None
+    from tool.bench_gguf import MATCHING_GGUF, LlamaCppDecoder, llama_cpp_unavailable
+
+    reason = None
+    if device.type != "cpu":
+        reason = "llama.cpp is timed on the CPU only"
+    reason = reason or llama_cpp_unavailable(args.llama_bench)
+    tokenizer = None
+    if reason is None:
+        from model.tokenizer import load_tokenizer
+        try:
+            tokenizer = load_tokenizer(Path(args.tokenizer))
+        except (FileNotFoundError, ValueError) as exc:
+            reason = f"the GGUF export needs a tokenizer: {exc}"
+    if reason is None and tokenizer.vocab_size > etude.config.vocab_size:
+        reason = f"the tokenizer's {tokenizer.vocab_size} tokens do not fit the shape's vocabulary of {etude.config.vocab_size}"
+    if reason is not None:
+        print(f"  llama.cpp: skipped ({reason})", flush=True)
+        return reason
+    generator = torch.Generator(device="cpu").manual_seed(args.seed + 2)
+    prompt = torch.randint(3, etude.config.vocab_size, (args.prompt_len,), generator=generator).tolist()
+    folder = tempfile.mkdtemp(prefix="etude_bench_gguf_")
+    engines = {}
+    precisions = list(args.dtypes) + (["int8"] if args.int8 else [])
+    try:
+        for precision in precisions:
+            engines[precision] = LlamaCppDecoder(etude, tokenizer, MATCHING_GGUF[precision], Path(folder),
+                                                 torch.get_num_threads(), prompt, args.new_tokens, args.llama_bench)
+    except Exception as exc:  # noqa: BLE001 - an exporter or llama.cpp refusal is a skip, said why
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        print(f"  llama.cpp: skipped ({reason})", flush=True)
+        for engine in engines.values():
+            engine.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        return reason
+    return engines
 
 
 def measure_attention(config: EtudeConfig, args, device: torch.device) -> dict:
@@ -445,7 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--decode-repeats", type=int, default=None, help="timed decoding runs of each (default 3; --quick 1)")
     add("--no-int8", dest="int8", action="store_false",
         help="leave out Etude's weight-only int8 decoding (CPU only; on by default there)")
-    add("--tokenizer", default=str(TOKENIZER_DIR), help=f"tokenizer folder (default {TOKENIZER_DIR})")
+    add("--decode-compile", action=argparse.BooleanOptionalAction, default=None,
+        help="also time Etude's compiled decoding step (engine 'etude compiled'; default on, off with --quick)")
+    add("--no-llama-cpp", dest="llama_cpp", action="store_false",
+        help="leave out llama.cpp (timed by default when llama-cpp-python or --llama-bench is there)")
+    add("--llama-bench", default=None, metavar="PATH",
+        help="time llama.cpp with this llama-bench binary instead of llama-cpp-python")
+    add("--tokenizer", default=str(TOKENIZER_DIR),
+        help=f"tokenizer folder, for the text figures and the GGUF export (default {TOKENIZER_DIR})")
     add("--data", default=str(PRETRAIN_DATA),
         help=f"corpus for the tokenizer and cache figures; generated text if missing (default {PRETRAIN_DATA})")
     add("--text-mb", type=float, default=None, help="MB of it to tokenize (default 4; --quick 0.2)")
@@ -458,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train-process", choices=("fresh", "same"), default=None,
         help="time each training dtype in a fresh process, as a real run is (default), or in this one "
              "(default with --quick)")
+    add("--decode-only", action="store_true",
+        help="time batch-1 decoding alone (no training, prefill, attention or text figures): the decode table")
     add("--quick", action="store_true", help="few steps and tokens: a smoke test, not a measurement")
     add("--json", default=str(Path(tempfile.gettempdir()) / "etude_benchmark.json"),
         help="where to write every figure as JSON (default <tmp>/etude_benchmark.json)")
@@ -473,6 +557,8 @@ def resolve(args: argparse.Namespace) -> EtudeConfig:
         if getattr(args, name) is None:
             setattr(args, name, short if quick else full)
     args.train_process = args.train_process or ("same" if quick else "fresh")
+    if args.decode_compile is None:
+        args.decode_compile = not quick
     args.batch_size = args.batch_size or shape["batch_size"]
     args.seq_len = args.seq_len or shape["seq_len"]
     args.prefill_len = args.prefill_len or args.seq_len
@@ -501,10 +587,54 @@ def resolve(args: argparse.Namespace) -> EtudeConfig:
     return EtudeConfig(**model)
 
 
-def best_ratio(figures: dict) -> float:
-    """Etude's fastest mode over transformers' fastest mode."""
-    best = {impl: max(pair[impl]["tokens_per_s"] for pair in figures.values() if impl in pair) for impl in IMPLS}
-    return best["etude"] / best["transformers"]
+def best_ratio(figures: dict, against: str = "transformers") -> float | None:
+    """Etude's fastest mode (eager or compiled, any precision) over `against`'s fastest."""
+    def best(names):
+        speeds = [pair[n]["tokens_per_s"] for pair in figures.values() for n in names
+                  if "tokens_per_s" in pair.get(n, {})]
+        return max(speeds) if speeds else None
+    ours, theirs = best(("etude", "etude compiled")), best((against,))
+    return ours / theirs if ours and theirs else None
+
+
+def llama_cpp_ratios(decode: dict) -> dict[str, float]:
+    """Per precision: Etude's faster step (eager or compiled) over llama.cpp at the matching type."""
+    out = {}
+    for precision, engines in decode.items():
+        theirs = engines.get("llama.cpp", {}).get("tokens_per_s")
+        ours = max(engines[n]["tokens_per_s"] for n in ("etude", "etude compiled") if n in engines)
+        if theirs:
+            out[precision] = ours / theirs
+    return out
+
+
+def print_decode_table(decode: dict) -> None:
+    """Batch-1 decoding per precision: tokens/s of every engine and its share of the bandwidth floor."""
+    names = ["etude", "etude compiled", "transformers", "llama.cpp"]
+    present = [n for n in names if any("tokens_per_s" in e.get(n, {}) for e in decode.values())]
+    header = ["decode, batch 1", *[f"{n} tok/s (floor %)" for n in present], "floor tok/s", "llama.cpp / etude best"]
+    rows = []
+    for precision, engines in decode.items():
+        cells = [precision]
+        for name in present:
+            figures = engines.get(name, {})
+            cells.append(f"{figures['tokens_per_s']:,.1f} ({figures['share_of_floor']:.0%})" if "tokens_per_s" in figures
+                         else "-")
+        floor = next(iter(engines.values()))["floor_tokens_per_s"]
+        best = max(engines[n]["tokens_per_s"] for n in ("etude", "etude compiled") if n in engines)
+        theirs = engines.get("llama.cpp", {}).get("tokens_per_s")
+        cells += [f"{floor:,.0f}", f"{theirs / best:.2f}x" if theirs else "-"]
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    for precision, engines in decode.items():
+        compiled = engines.get("etude compiled", {})
+        if "first_call_s" in compiled:
+            print(f"  {precision}: compiled step's first call (compilation) {compiled['first_call_s']:.1f} s; "
+                  f"compiled greedy tokens = eager's: {compiled['compiled_tokens_equal_eager']}")
+        if "skipped" in engines.get("llama.cpp", {}):
+            print(f"  {precision}: llama.cpp skipped: {engines['llama.cpp']['skipped']}")
 
 
 def ratio(figures: dict, dtype: str) -> float | None:
@@ -515,7 +645,7 @@ def ratio(figures: dict, dtype: str) -> float | None:
 
 def print_table(report: dict) -> None:
     rows = []
-    for what in ("train", "decode", "prefill"):
+    for what in ("train", "prefill"):
         for dtype, pair in report[what].items():
             etude, hf = pair["etude"], pair.get("transformers")
             extra = ""
@@ -565,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.batch_size * args.seq_len
     shapes = [(tokens, config.hidden_size, config.intermediate_size), (tokens, config.intermediate_size, config.hidden_size),
               ] + ([] if args.quick else [(1024, 1024, 1024)])
-    ceilings = {d: matmul_ceiling(device, DTYPES[d], shapes, 2 if args.quick else 4) for d in args.dtypes}
+    ceilings = {} if args.decode_only else {
+        d: matmul_ceiling(device, DTYPES[d], shapes, 2 if args.quick else 4) for d in args.dtypes}
     peaks = {}
     if device.type == "cuda":
         from train.trainer import peak_flops  # datasheet bf16 peaks of known GPUs
@@ -576,10 +707,10 @@ def main(argv: list[str] | None = None) -> int:
     print("matmul ceiling " + ", ".join(f"{d} {c / 1e12:.2f} TFLOP/s" for d, c in ceilings.items())
           + f"; copy bandwidth {bandwidth / 1e9:.1f} GB/s; same weights: max |logit diff| {difference:.2e}", flush=True)
 
-    train = measure_training(etude, hf, config, args, device, ceilings, peaks)
+    train = {} if args.decode_only else measure_training(etude, hf, config, args, device, ceilings, peaks)
     decode, prefill, outputs = measure_decoding(etude, hf, config, args, device, bandwidth)
-    attention = measure_attention(config, args, device)
-    text = measure_text(args)
+    attention = {} if args.decode_only else measure_attention(config, args, device)
+    text = {"skipped": "--decode-only"} if args.decode_only else measure_text(args)
     same_tokens = {d: sum(a == b for a, b in zip(*o.values())) / max(len(o["etude"]), 1)
                    for d, o in outputs.items()}
     report = {
@@ -589,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         **{f"train_speedup_{d}_compiled_vs_eager": train[f"{d} compiled"]["etude"]["tokens_per_s"]
            / train[d]["transformers"]["tokens_per_s"] for d in args.dtypes if args.compile},
         "decode_speedup": best_ratio(decode), "decode_speedup_fp32": ratio(decode, "fp32"),
+        "decode_vs_llama_cpp": llama_cpp_ratios(decode),
         "decode_speedup_bf16": ratio(decode, "bf16"),
         "prefill_speedup": ratio(prefill, "fp32") or ratio(prefill, "bf16"),
         "tokenizer_encode_mb_s": text.get("tokenizer_encode_mb_s"),
@@ -604,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": train, "decode": decode, "prefill": prefill, "attention": attention, "text": text,
     }
     print_table(report)
+    print_decode_table(report["decode"])
     if args.compile:
         print("compiled training: " + ", ".join(
             f"{d}: Etude compiled {report[f'train_speedup_{d}_compiled']:.2f}x transformers compiled, "
