@@ -93,8 +93,11 @@ def decode_logits(model: EtudeModel, cache: StepCache, ids: torch.Tensor, positi
     """One fixed-shape step: ids (B,) at rotary positions (B,), keys written at cache.columns;
     returns logits (B, V). The function that is compiled."""
     mask = (cache.key_positions[None, :] <= cache.columns[:, None])[:, None, None, :]
-    cos = model.rotary.cos_table.index_select(0, positions)[:, None, None]
-    sin = model.rotary.sin_table.index_select(0, positions)[:, None, None]
+    if model.rotary.dynamic:  # dynamic NTK: frequencies follow the longest position (model/model.py)
+        cos, sin = model.rotary(positions[:, None])
+    else:
+        cos = model.rotary.cos_table.index_select(0, positions)[:, None, None]
+        sin = model.rotary.sin_table.index_select(0, positions)[:, None, None]
     x = model.embed_tokens(ids[:, None])
     cache.decoding = True
     try:
@@ -168,8 +171,9 @@ def _compiled_step():
 
 def can_compile(model: EtudeModel) -> bool:
     """Whether compiling the step is worth trying: not after a failure in this process, not for a
-    mixture of experts (its dispatch sizes depend on the routing, a host sync per layer)."""
-    return not _COMPILE_BROKEN and not model.config.use_moe
+    mixture of experts (its dispatch sizes depend on the routing, a host sync per layer), not with
+    dynamic RoPE scaling (its frequencies depend on the longest position, read on the host)."""
+    return not _COMPILE_BROKEN and not model.config.use_moe and not model.rotary.dynamic
 
 
 def compile_failure() -> str | None:

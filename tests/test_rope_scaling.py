@@ -341,3 +341,22 @@ def test_rope_context_tool(tmp_path, tiny_tokenizer_dir, tiny_text_corpus, capsy
     assert "| none |" in capsys.readouterr().out
     assert rope_main([str(tmp_path / "m"), "--data", str(tiny_text_corpus), "--lengths", "1.5"]) == 2
     assert "--lengths must be a comma-separated list of whole numbers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn"])
+def test_generate_past_the_trained_length_equals_recomputing(kind):
+    """The decoding step (model/decode_step.py) rotates with the same frequencies as a full
+    forward of the sequence so far, dynamic NTK included, past the trained length."""
+    torch.manual_seed(0)
+    config = EtudeConfig(vocab_size=64, hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                         rope_scaling={"rope_type": kind, "factor": 4.0, "original_max_position_embeddings": 16})
+    model = EtudeModel(config).eval()
+    prompt = torch.randint(3, 64, (12,))
+    got = list(model.generate(prompt, max_new_tokens=30))
+    sequence, expected = prompt.tolist(), []
+    with torch.no_grad():
+        for _ in range(30):
+            logits, _, _ = model(torch.tensor([sequence]))
+            expected.append(int(logits[0, -1].argmax()))
+            sequence.append(expected[-1])
+    assert got == expected
