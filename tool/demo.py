@@ -138,7 +138,7 @@ def announce(preset: str) -> dict[str, float] | None:
     than on the reference machine. Returns the expected seconds per stage (None off the tiny preset)."""
     reference = sum(REFERENCE_SECONDS.values())
     print("The demo: prepare the data -> train a tokenizer -> pretrain -> fine-tune into a chat model -> "
-          "three questions -> a LoRA adapter -> evaluation.")
+          "three questions -> a LoRA adapter -> DPO and GRPO -> evaluation.")
     if preset != "tiny":
         print(f"(time estimates are for the tiny preset, ~{minutes(reference)} on 2 idle CPU cores; "
               f"--preset {preset} takes longer on a CPU)")
