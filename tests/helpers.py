@@ -23,6 +23,26 @@ QA = [("What color is the sky?", "The sky is blue."), ("What do cats say?", "Cat
       ("What is red?", "The old barn is red."), ("Say hello.", "Hello! Nice to meet you.")]
 
 
+def fit_chats(model: torch.nn.Module, rows: list[tuple[list[int], list[int]]], pad_id: int, steps: int) -> float:
+    """Fit a toy model to rendered chats (render_chat's (ids, mask) pairs: loss on the masked
+    tokens only), full batch, AdamW at 1e-2; returns the last loss."""
+    from model.model import IGNORE_INDEX
+
+    width = max(len(ids) for ids, _ in rows)
+    inputs = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), IGNORE_INDEX)
+    for row, (ids, mask) in enumerate(rows):
+        inputs[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(ids) - 1] = torch.tensor([t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        _, loss, _ = model(inputs, labels=labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
 def write_corpus(path: Path, n_docs: int, seed: int) -> None:
     """Pretraining JSONL of random sentences over a small vocabulary."""
     generator = torch.Generator().manual_seed(seed)

@@ -25,10 +25,10 @@ from inference.engine import StopMatcher
 from inference.server import main as server_main
 from model.lora import apply_lora, load_adapter, lora_modules, save_adapter
 from model.checkpoint import load_model_folder, save_model_folder
-from model.model import IGNORE_INDEX, EtudeModel
+from model.model import EtudeModel
 from model.tokenizer import load_tokenizer
 
-from tests.helpers import QA, TOY_MODEL
+from tests.helpers import QA, TOY_MODEL, fit_chats
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -r requirements-test.txt")
 
@@ -48,18 +48,7 @@ def toy_model(tmp_path_factory, tiny_tokenizer_dir):
     model = EtudeModel(EtudeConfig(vocab_size=tokenizer.vocab_size, max_seq_len=CONTEXT, **json.loads(TOY_MODEL)))
     rows = [tokenizer.render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
             for q, a in QA]
-    width = max(len(ids) for ids, _ in rows)
-    inputs = torch.full((len(rows), width), tokenizer.pad_id)
-    labels = torch.full((len(rows), width), IGNORE_INDEX)
-    for row, (ids, mask) in enumerate(rows):
-        inputs[row, :len(ids)] = torch.tensor(ids)
-        labels[row, :len(ids) - 1] = torch.tensor([t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(100):
-        _, loss, _ = model(inputs, labels=labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit_chats(model, rows, tokenizer.pad_id, steps=100)
     folder = save_model_folder(model, tmp_path_factory.mktemp("served") / MODEL, tokenizer_dir=tiny_tokenizer_dir)
     assert folder.name == MODEL
     yield {"folder": folder, "model": load_model_folder(folder), "tokenizer": load_tokenizer(folder)}

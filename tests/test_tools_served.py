@@ -14,9 +14,9 @@ from config import ROOT, SFT_DIR, EtudeConfig
 from model.builtin_tools import BUILTIN_TOOLS, run_tool
 from model.chat_markup import parse_reply
 from model.checkpoint import save_model_folder
-from model.model import IGNORE_INDEX, EtudeModel
+from model.model import EtudeModel
 from model.tokenizer import load_tokenizer
-from tests.helpers import TOY_MODEL
+from tests.helpers import TOY_MODEL, fit_chats
 from tests.test_server import start_server
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -r requirements-test.txt")
@@ -49,20 +49,9 @@ def toy_tool_model(tmp_path_factory, tiny_tokenizer_dir):
     tokenizer = load_tokenizer(tiny_tokenizer_dir)
     model = EtudeModel(EtudeConfig(vocab_size=tokenizer.vocab_size, max_seq_len=512, **json.loads(TOY_MODEL)))
     rows = [tokenizer.render_chat(messages, tools=BUILTIN_TOOLS) for messages in TRAINED]
-    width = max(len(ids) for ids, _ in rows)
-    inputs = torch.full((len(rows), width), tokenizer.pad_id)
-    labels = torch.full((len(rows), width), IGNORE_INDEX)
-    for row, (ids, mask) in enumerate(rows):
-        inputs[row, :len(ids)] = torch.tensor(ids)
-        labels[row, :len(ids) - 1] = torch.tensor([t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        _, loss, _ = model(inputs, labels=labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    loss = fit_chats(model, rows, tokenizer.pad_id, steps=200)
     torch.set_num_threads(threads)
-    assert loss.item() < 0.05, f"the toy model did not fit its conversations (loss {loss.item():.3f})"
+    assert loss < 0.05, f"the toy model did not fit its conversations (loss {loss:.3f})"
     return save_model_folder(model, tmp_path_factory.mktemp("served") / "toy_tools", tokenizer_dir=tiny_tokenizer_dir)
 
 
