@@ -74,8 +74,9 @@ class StepCache(KVCache):
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.decoding:
             return super().append(layer, k, v)
-        self.keys[layer][self.rows, :, self.columns] = k[:, :, 0]
-        self.values[layer][self.rows, :, self.columns] = v[:, :, 0]
+        # The cache keeps its dtype: under autocast (the trainer's sample) k and v come narrower.
+        self.keys[layer][self.rows, :, self.columns] = k[:, :, 0].to(self.keys[layer].dtype)
+        self.values[layer][self.rows, :, self.columns] = v[:, :, 0].to(self.values[layer].dtype)
         return self.keys[layer], self.values[layer]
 
     def row(self, index: int, length: int, max_len: int | None = None) -> KVCache:
