@@ -19,6 +19,7 @@ class RecordingChat:
     def __init__(self):
         self.model = SimpleNamespace(num_parameters=lambda: 1_000_000)
         self.sent = []
+        self.tools = None  # Chat offers no tools unless --tools is given
 
     def stream(self, messages):
         self.sent.append([dict(m) for m in messages])
