@@ -1,6 +1,6 @@
 """The whole pipeline on the bundled demo data, one stage after another:
 
-    python tool/demo.py                  # tiny preset: ~18 min on 2 idle CPU cores
+    python tool/demo.py                  # tiny preset: ~26 min on 2 idle CPU cores
     python tool/demo.py --preset small   # the same at ~26M parameters (for a GPU)
 
 prepare data -> train the tokenizer -> pretrain -> supervised fine-tuning -> chat -> LoRA (a small
@@ -60,8 +60,8 @@ DPO_VAL_PROMPTS = 200
 # Seconds each stage of `python tool/demo.py` (tiny preset) took on the reference machine: 2 cores
 # of an AMD EPYC (Zen 4, AVX-512 BF16: bf16 autocast), nothing else running (2026-12-03, a fresh
 # clone). The one estimate of the demo's length; README.md quotes its total.
-REFERENCE_SECONDS = {"prepare data": 5, "tokenizer": 7, "pretrain": 500, "sft": 485, "chat": 7, "lora": 40,
-                     "lora chat": 10, "dpo pairs": 120, "dpo": 120, "grpo": 240, "evaluate": 50}
+REFERENCE_SECONDS = {"prepare data": 5, "tokenizer": 7, "pretrain": 500, "sft": 810, "chat": 7, "lora": 40,
+                     "lora chat": 10, "dpo pairs": 25, "dpo": 55, "grpo": 65, "evaluate": 60}
 # Stages whose time is training or decoding, which scale with the speed measured at the start.
 COMPUTE_STAGES = ("pretrain", "sft", "lora", "evaluate", "chat", "lora chat", "dpo pairs", "dpo", "grpo")
 # measure_speed() on the reference machine (training tokens/s of the tiny model).
