@@ -10,8 +10,8 @@ A prompt file is JSONL, one prompt per line:
 line whose task has no checker, or without an answer, stops with file:line.
 
 Each training step, for every prompt of the batch, `RolloutPrompts.get_batch` samples a group of
-completions from the model being trained (`sample_group`: the prompt's rows share one KV cache
-of the model's own, as chat decoding does, and draw from torch's global generator, whose state the
+completions from the model being trained (`sample_group`: the prompt's rows decode together on
+the decoding step that chat and the server use, and draw from torch's global generator, whose state the
 trainer's checkpoints carry, so a resumed run draws the same completions). Reward: 1 when the checker accepts the
 answer and the completion ends its turn (<|im_end|>) within --max-new-tokens, else 0 (the length
 rule: a right answer followed by rambling that never ends earns nothing). Advantages are the
@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from model.model import IGNORE_INDEX, EtudeModel, KVCache
+from model.decode_step import DecodeStepper, bucket_length
+from model.model import IGNORE_INDEX, EtudeModel
 from model.synthetic_tasks import KINDS, Problem, reward as check_answer
 from model.tokenizer import EtudeTokenizer, validate_messages
 from train.data import DataError, _skipped_note, read_jsonl
@@ -76,33 +77,34 @@ def read_task_prompts(path: Path | str, skip_bad_lines: bool = False) -> list[tu
 @torch.inference_mode()
 def sample_group(model: EtudeModel, prompt_ids: list[int], group_size: int, max_new_tokens: int,
                  temperature: float, stop_id: int) -> list[list[int]]:
-    """`group_size` completions of one prompt, sampled together: the prompt fills a KV cache of
-    `group_size` identical rows, then every step one forward decodes all rows and each draws its
-    next token (from torch's global generator; greedy at temperature 0). A completion ends with
-    its first `stop_id` (kept) or at `max_new_tokens` (or the context); decoding stops when every
-    row has ended."""
+    """`group_size` completions of one prompt, sampled together on the decoding step that chat
+    uses (model/decode_step.py): each row of the step's cache is filled with the prompt, then every
+    step decodes all rows at once and each draws its next token (from torch's global generator;
+    greedy at temperature 0). A completion ends with its first `stop_id` (kept) or at
+    `max_new_tokens` (or the context); decoding stops when every row has ended."""
     device = model.embed_tokens.weight.device
     budget = min(max_new_tokens, model.config.max_seq_len - len(prompt_ids))
     if budget <= 0:
         raise ValueError(f"a prompt of {len(prompt_ids)} tokens leaves no room to answer within the model's "
                          f"context of {model.config.max_seq_len}; shorten the prompt")
-    cache = KVCache(model.config, group_size, len(prompt_ids) + budget, device, model.embed_tokens.weight.dtype)
-    step_input = torch.tensor(prompt_ids, device=device).expand(group_size, -1)
+    stepper = DecodeStepper(model, group_size, bucket_length(len(prompt_ids) + budget, model.config.max_seq_len))
+    prompt = torch.tensor(prompt_ids, device=device)
+    logits = torch.stack([stepper.prefill(prompt, row) for row in range(group_size)])
+    positions = torch.full((group_size,), len(prompt_ids), dtype=torch.long, device=device)
     tokens = torch.empty(group_size, budget, dtype=torch.long, device=device)
     ended = torch.zeros(group_size, dtype=torch.bool, device=device)
     steps = 0
-    while steps < budget:
-        logits = model(step_input, kv_cache=cache, last_only=True)[0][:, -1].float()
-        if temperature > 0:
-            chosen = torch.multinomial((logits / temperature).softmax(-1), 1)[:, 0]
-        else:
-            chosen = logits.argmax(-1)
+    while True:
+        logits = logits.float()
+        chosen = (torch.multinomial((logits / temperature).softmax(-1), 1)[:, 0] if temperature > 0
+                  else logits.argmax(-1))
         tokens[:, steps] = chosen
         steps += 1
         ended |= chosen == stop_id
-        if bool(ended.all()):
+        if steps == budget or bool(ended.all()):
             break
-        step_input = chosen[:, None]
+        logits = stepper.step(chosen, positions)
+        positions += 1
     completions = []
     for row in tokens[:, :steps].tolist():
         completions.append(row[:row.index(stop_id) + 1] if stop_id in row else row)
