@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from model.checkpoint import load_model_folder
 from model.decoding import pick_inference_device
 from model.model import EtudeModel
 from model.tokenizer import load_tokenizer
+from tool.eval.models import bits_per_byte
 from tool.eval.tasks import read_texts
 
 
@@ -100,7 +100,7 @@ def measure(model: EtudeModel, tokenizer, texts: list[str], lengths: list[int], 
                 used = "none"  # scaling by 1 is plain RoPE
             configure(model, trained_config, used, multiple * trained)
             started = time.perf_counter()
-            bpb = stream_nats(model, stream, multiple * trained, batch_size) / math.log(2) / n_bytes
+            bpb = bits_per_byte(stream_nats(model, stream, multiple * trained, batch_size), n_bytes)
             rows.setdefault(spec, {})[f"{multiple}x"] = bpb
             print(f"  {spec:>12} at {multiple}x ({multiple * trained} tokens, as {used}): {bpb:.4f} bits per byte "
                   f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
